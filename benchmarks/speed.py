@@ -27,6 +27,7 @@ import copy
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -177,10 +178,23 @@ def round_flops(hf, rows: Rows, read: list[int], adapter_epochs: int) -> float:
     return per_token * (tokens_all + 3 * adapter_epochs * tokens_src)
 
 
-def peak_memory_gb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux → GB
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def measure_peak(device: str) -> Callable[[], float]:
+    """Start measuring; the returned function gives the peak in GB of one model's weights + the rounds' memory.
+
+    On GPU the benchmark holds two copies of the model (the reference's and the backend's), so the process
+    peak would count weights an edit never needs: we count the allocations made during the rounds on top
+    of what was resident before them, plus one model's weights. On CPU it is the process's maximum RSS.
+    """
+    if not device.startswith("cuda"):
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux → GB
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: (torch.cuda.max_memory_allocated() - resident) / 1e9
 
 
 def compare(name: str, models: dict[str, object], hf, rows: Rows, at: list[int], read: list[int], device: str,
@@ -197,8 +211,10 @@ def compare(name: str, models: dict[str, object], hf, rows: Rows, at: list[int],
     out = []
     for backend_name, model in models.items():
         backend = backend_for(model)
+        peak = measure_peak(device)
         with backend.reusing_prefix(min(at)) as reusing:
             ours = [are_lens_round(backend, rows, at, read, device) for _ in range(repeats)]
+        peak_gb = peak() + (weight_bytes(hf) / 1e9 if device.startswith("cuda") else 0.0)
         median = {k: statistics.median(o[k] for o in ours) for k in ours[0]}
         total = sum(median.values())
         result = {"workload": name, "backend": backend_name, "prefix_reused": reusing, "device": device,
@@ -206,7 +222,7 @@ def compare(name: str, models: dict[str, object], hf, rows: Rows, at: list[int],
                   "reference_round_s": ref_total, "speedup": ref_total / total, "round_flop": flops,
                   "achieved_flops": flops / total,
                   "share_of_peak": flops / total / H100_BF16_PEAK if device.startswith("cuda") else None,
-                  "peak_memory_gb": peak_memory_gb(device), "mean_tokens": statistics.mean(
+                  "peak_memory_gb": peak_gb, "mean_tokens": statistics.mean(
                       len(r) for r in rows.train_source + rows.train_target)}
         print(json.dumps(result, indent=1), flush=True)
         out.append(result)
@@ -258,7 +274,8 @@ def main() -> None:
                            reference, demo_rows, list(range(6, 10)), list(range(10, 15)), "cpu", args.repeats)
     wall = time.perf_counter() - started
     if not args.quick:
-        _common.write_section("Speed of one ARE round", table(results, wall))
+        heading = "Speed of one ARE round" + (f" on {torch.cuda.get_device_name()}" if gpu else "")
+        _common.write_section(heading, table(results, wall))
     print(table(results, wall))
 
 
@@ -273,12 +290,16 @@ def table(results: list[dict], wall: float) -> str:
                      f"{o['discriminator']:.2f} | {o['adapter']:.2f} | {r['are_lens_round_s']:.2f} | "
                      f"{r['reference_round_s']:.2f} | "
                      f"{r['speedup']:.1f}× | {r['achieved_flops']:.3g} | {share} | {r['peak_memory_gb']:.2f} |")
-    return (f"`python benchmarks/speed.py` — {_common.machine()}; wall time {wall / 60:.1f} min. are_lens: median "
+    command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]])
+    return (f"`{command}` — {_common.machine()}; wall time {wall / 60:.1f} min. are_lens: median "
             "of the repeats; reference: one run. Peak memory on CPU is the process's maximum RSS. Achieved FLOP/s "
             "is the round's arithmetic (forwards of the truncated model over every prompt, plus 3 forwards per "
             "adapter pass) over the round's time; where the frozen prefix is reused less arithmetic actually "
-            "runs, so that rate is an effective one. No GPU was lent for this run: the 7B-shaped rows are the "
-            "scaled-down CPU configuration; H100 figures are still to be taken.\n\n"
+            "runs, so that rate is an effective one. "
+            + (f"GPU: {torch.cuda.get_device_name()}; peak memory on GPU is one model's weights plus what the "
+               "rounds allocate above the resident models. " if torch.cuda.is_available() else
+               "No GPU was lent for this run: the 7B-shaped rows are the scaled-down CPU configuration. ")
+            + "\n\n"
             + "\n".join(lines) + "\n")
 
 
