@@ -224,7 +224,7 @@ class LoRAWrite(Adapter):
 
     def merged_weight(self, weight: Float[Tensor, "d_out d_in"]) -> Float[Tensor, "d_out d_in"]:
         """The linear map's weight with this LoRA folded in (exact when the hooks bracket that map)."""
-        return (weight.float() + self.scale * (self.B @ self.A)).to(weight.dtype)
+        return (weight.float() + self.scale * (self.B @ self.A).to(weight.device)).to(weight.dtype)
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "rank": self.rank,

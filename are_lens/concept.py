@@ -36,19 +36,39 @@ def _prompts(values: Any, argument: str) -> tuple[str, ...]:
     return prompts
 
 
-def format_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool, system: str | None = None) -> list[str]:
-    """Wrap each prompt as a user turn of the tokenizer's chat template (when `chat`), ready to answer."""
+def format_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool, system: str | None = None,
+                   demonstrations: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Wrap each prompt as a user turn of the tokenizer's chat template (when `chat`), ready to answer.
+
+    `demonstrations`: (user, assistant) turns placed before each prompt, after the system turn — an
+    in-context demonstration such as the In-Context Defence's (Wei et al. 2023).
+    """
     if not chat:
+        if demonstrations:
+            raise ValueError("demonstrations= are chat turns and need chat=True")
         return list(prompts)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat=True but the model's tokenizer has no chat template; pass chat=False")
     head = [{"role": "system", "content": system}] if system is not None else []
+    for user, assistant in demonstrations:
+        head += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     return [
         tokenizer.apply_chat_template(
             head + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
         )
         for p in prompts
     ]
+
+
+def demonstration_turns(values: Any) -> tuple[tuple[str, str], ...]:
+    """Check `demonstrations=`: a list of (user, assistant) string pairs."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"demonstrations= must be a list of (user, assistant) string pairs; got {values!r}")
+    turns = tuple(values)
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise TypeError(f"demonstrations[{i}] must be a (user, assistant) pair of strings; got {turn!r}")
+    return tuple((u, a) for u, a in turns)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +18,7 @@ from .artifact import Edit
 from .backends import Backend, backend_for
 from .concept import Concept
 from .files import writable_folder
-from .rounds import BatchSize, RoundsConfig, Rows, preset, run_rounds, teacher_replies
+from .rounds import BatchSize, RoundsConfig, Rows, check_preserve, preset, run_rounds, teacher_replies
 
 STRENGTH = {"matched": 0.8, "paper": 1.0}
 """Generation strength each schedule's edits record by default (chosen in benchmarks/converge.py)."""
@@ -41,10 +42,13 @@ def _checked_options(cfg: RoundsConfig, options: dict[str, Any]) -> RoundsConfig
                 raise TypeError(f"{name}= must be a number; got {value!r}")
             if value < 0:
                 raise ValueError(f"{name}= must be ≥ 0; got {value!r}")
+            if name == "preserve_weight" and not math.isfinite(value):
+                raise ValueError(f"preserve_weight= must be a finite number ≥ 0; got {value!r}")
             value = float(value)
         elif name == "discriminator" and value not in ("mlp", "linear"):
             raise ValueError(f"discriminator= must be 'mlp' or 'linear'; got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
+    check_preserve(cfg)
     return cfg
 
 
@@ -142,8 +146,11 @@ def edit(
     or "paper" (the published schedule). `adapter`: "lowrank" (h + B·A·h, B zero-initialised),
     "lowrank+bias" or "bias" (a steering vector). `options` override the schedule's defaults
     (`rounds`, `lr`, `discriminator` ("mlp"/"linear"), `hidden`, `steps_per_round`, `reply_tokens`, …;
-    see `RoundsConfig`). `strength` is the generation strength the Edit records and applies (its
-    adapters' output multiplier; default: the schedule's measured choice, `STRENGTH`).
+    see `RoundsConfig`); `preserve_weight` (matched only, default 0 = off) adds that weight times
+    KL(base ‖ edited) of the next-token distributions on target training rows to every adapter step, and
+    every history record holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the
+    generation strength the Edit records and applies (its adapters' output multiplier; default: the
+    schedule's measured choice, `STRENGTH`).
     `checkpoint_dir`: a folder where the full training state is written after every round; a run
     started again with the same folder, model, concept and options resumes from the last complete
     round and ends with the same edit (a checkpoint of a different run is refused). A NaN or infinite

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .artifact import Edit
 from .backends import Backend, backend_for
-from .concept import format_prompts
+from .concept import demonstration_turns, format_prompts
 from .rounds import BatchSize, buckets
 
 # -- generation ------------------------------------------------------------------------------------
@@ -66,6 +66,7 @@ def generate(
     *,
     chat: bool = True,
     system: str | None = None,
+    demonstrations: Any = (),
     max_new_tokens: int = 48,
     batch_size: int = 16,
     do_sample: bool = False,
@@ -76,14 +77,16 @@ def generate(
     Prompts are wrapped in the chat template when `chat` (then no extra special tokens are added: the
     template carries its own BOS), batched in length-sorted left-padded buckets, and each reply is
     decoded up to its first EOS token with special tokens skipped, then stripped. An out-of-memory error
-    halves the batch instead of failing.
+    halves the batch instead of failing. `demonstrations`: (user, assistant) chat turns shown before
+    every prompt (chat only), e.g. an In-Context Defence demonstration.
     """
     prompts = _texts(prompts, "prompts")
     max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
     batch_size = _positive_int(batch_size, "batch_size")
     backend = backend_for(model)
     tok = backend.tokenizer
-    rows = backend.tokenize(format_prompts(tok, prompts, chat, system), add_special_tokens=not chat)
+    turns = demonstration_turns(demonstrations)
+    rows = backend.tokenize(format_prompts(tok, prompts, chat, system, turns), add_special_tokens=not chat)
     replies: list[str] = [""] * len(rows)
     bar = tqdm(total=len(rows), desc="generate", disable=not progress)
     sizer = BatchSize(batch_size, backend.device)  # halved for the rest of the call on out-of-memory
@@ -429,7 +432,7 @@ def _mc1_questions(path: Path, limit: int | None) -> list[tuple[str, list[str], 
 def truthfulqa_mc1(
     model: object, edit: Edit | None = None, data: str | Path | None = None, *, limit: int | None = None,
     batch_size: int = 16, chat: bool = False, system: str | None = None, few_shot: bool = False,
-    progress: bool = True,
+    suffix: str = "", progress: bool = True,
 ) -> float:
     """TruthfulQA MC1 (Lin et al. 2022): share of questions whose one correct answer has a strictly
     higher total log-probability than every wrong answer (ties count as wrong, as in TruthfulQA's
@@ -440,10 +443,15 @@ def truthfulqa_mc1(
     `few_shot` the TruthfulQA "QA" primer and a blank line come first (the original's default preset).
     With `chat` the question is a user turn of the chat template and the answer starts the assistant
     turn directly. Answer tokens are those of the full text beyond the prompt's tokens (lm-eval's
-    context/continuation split). `data` defaults to $ARE_LENS_SHARED/data/truthfulqa/data/v0/
+    context/continuation split). `suffix` is appended to every question after one space (a Self-Reminder
+    such as "Please give a truthful answer."). `data` defaults to $ARE_LENS_SHARED/data/truthfulqa/data/v0/
     mc_task.json, else ../shared/data/... relative to the working directory.
     """
+    if not isinstance(suffix, str):
+        raise TypeError(f"suffix= must be a string; got {type(suffix).__name__}")
     questions = _mc1_questions(_truthfulqa_path(data), limit)
+    if suffix.strip():
+        questions = [(f"{q} {suffix.strip()}", answers, best) for q, answers, best in questions]
     batch_size = _positive_int(batch_size, "batch_size")
     backend = backend_for(model)
     head = TRUTHFULQA_PRIMER + "\n\n" if few_shot else ""

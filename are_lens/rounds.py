@@ -12,6 +12,14 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
   `reply_tokens` teacher-forced positions of the model's own replies to the target prompts. The paper's
   schedule does not converge on small models (fresh D stays at 0.95–1.0 while adapters overshoot); the
   warm D and the mean term do. Fresh discriminators are still used to measure every round.
+  With `preserve_weight` > 0 each matched step also adds `preserve_weight · KL(base ‖ edited)` of the
+  next-token distributions on a batch of *target* training rows, over the window's real positions
+  (`preservation_gradients`): the edit is asked to leave what the target prompts already do alone.
+
+Every round's record also holds `kl_to_base`: the mean KL(base ‖ edited) of the next-token distributions
+over the window's real positions of the held-out target rows, measured with the other figures at the
+start of the round (so under the edit as all earlier rounds left it, at training strength 1; round 0 of a
+zero-initialised adapter gives 0, and the last record describes the returned edit).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -59,6 +67,7 @@ class RoundsConfig:
     warm_dropout: float = 0.2
     warm_weight_decay: float = 1e-2
     label_smoothing: float = 0.1
+    preserve_weight: float = 0.0  # matched only: weight of KL(base ‖ edited) on target rows; 0 = off
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +77,15 @@ class RoundsConfig:
 SCHEDULES = ("matched", "paper")
 POOL_STRIDE = 4
 """The pooled fresh discriminator reads window positions 0, 4, 8, … (5 of 17 by default)."""
+
+
+def check_preserve(cfg: RoundsConfig) -> None:
+    """`preserve_weight` > 0 only where a schedule uses it (the matched one)."""
+    if cfg.preserve_weight > 0 and cfg.schedule != "matched":
+        raise ValueError(
+            f"preserve_weight= is used only by schedule='matched' (a KL term in its adapter steps); got "
+            f"preserve_weight={cfg.preserve_weight!r} with schedule={cfg.schedule!r}"
+        )
 
 
 def preset(schedule: str) -> RoundsConfig:
@@ -258,6 +276,109 @@ def adapter_gradients(
     return sizer.run(attempt)
 
 
+CACHE_BYTES = 512 * 2**20
+"""At most this much memory (on the model's device) holds the base model's cached log-probabilities."""
+
+
+def window_logprobs(
+    backend: Backend, rows: Sequence[Sequence[int]], interventions: Interventions, window: int
+) -> tuple[Float[Tensor, "batch window vocab"], Bool[Tensor, "batch window"]]:
+    """Next-token log-probabilities (fp32) at the last `window` positions, and which of them are real tokens."""
+    batch = backend.batch(rows)
+    logits = backend.logits(batch, interventions)[:, -window:]
+    return logits.float().log_softmax(-1), batch.attention_mask[:, -window:].bool()
+
+
+class BaseLogProbs:
+    """The base model's (no interventions) `window_logprobs` per batch of rows, computed without gradients
+    and cached while the cache stays under `budget` bytes (a batch beyond it is recomputed each time).
+    Keyed by the exact rows, so a batch split after an out-of-memory error gets its own, equally padded,
+    base forward."""
+
+    def __init__(self, backend: Backend, window: int, budget: int = CACHE_BYTES) -> None:
+        self.backend, self.window, self.budget, self.used = backend, window, budget, 0
+        self.cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, rows: Sequence[Sequence[int]]) -> tuple[Float[Tensor, "batch window vocab"],
+                                                               Bool[Tensor, "batch window"]]:
+        key = tuple(map(tuple, rows))
+        if key in self.cache:
+            return self.cache[key]
+        value = window_logprobs(self.backend, rows, (), self.window)
+        size = value[0].numel() * value[0].element_size()
+        if self.used + size <= self.budget:
+            self.cache[key], self.used = value, self.used + size
+        return value
+
+
+def kl_sum(
+    base: Float[Tensor, "batch window vocab"], edited: Float[Tensor, "batch window vocab"],
+    real: Bool[Tensor, "batch window"],
+) -> Float[Tensor, ""]:
+    """Σ over the real positions of KL(base ‖ edited) = Σ_v p_base·(log p_base − log p_edited)."""
+    kl = F.kl_div(edited, base, log_target=True, reduction="none").sum(-1)
+    return torch.where(real, kl, torch.zeros((), device=kl.device)).sum()  # pad positions count for nothing
+
+
+def real_positions(rows: Sequence[Sequence[int]], window: int) -> int:
+    """How many of the last `window` positions of left-padded `rows` hold tokens."""
+    return sum(min(len(row), window) for row in rows)
+
+
+def preservation_gradients(
+    backend: Backend, rows: Sequence[Sequence[int]], interventions: Interventions, window: int,
+    weight: float, base: BaseLogProbs, sizer: BatchSize,
+) -> Float[Tensor, ""]:
+    """Add the gradient of `weight` · mean KL(base ‖ edited) over the real window positions of `rows` to
+    the adapters' gradients (after `adapter_gradients` filled them); returns that mean KL (detached).
+
+    Its own forward/backward per chunk of `sizer.size` rows; the chunks' gradients are summed aside and
+    added only once every chunk has run, so a chunk that runs out of memory redoes the term at half the
+    size without counting any chunk twice. The mean is the whole batch's (each chunk's KL sum / all its
+    real positions)."""
+    params = [p for _, adapter in interventions for p in adapter.parameters() if p.requires_grad]
+    count = max(real_positions(rows, window), 1)
+
+    def attempt(size: int) -> tuple[Tensor, list[Tensor | None]]:
+        total = torch.zeros((), device=backend.device)
+        grads: list[Tensor | None] = [None] * len(params)
+        for i in range(0, len(rows), size):
+            chunk = rows[i : i + size]
+            reference, real = base(chunk)
+            term = kl_sum(reference, window_logprobs(backend, chunk, interventions, window)[0], real) / count
+            parts = torch.autograd.grad(weight * term, params, allow_unused=True)
+            grads = [old if new is None else new if old is None else old + new for old, new in zip(grads, parts)]
+            total = total + term.detach()
+        return total, grads
+
+    total, grads = sizer.run(attempt)
+    for param, grad in zip(params, grads):
+        if grad is not None:
+            param.grad = grad if param.grad is None else param.grad + grad
+    return total
+
+
+@torch.no_grad()
+def kl_to_base(
+    backend: Backend, rows: Sequence[Sequence[int]], interventions: Interventions, window: int,
+    sizer: BatchSize, base: BaseLogProbs | None = None,
+) -> float:
+    """Mean KL(base ‖ edited) of the next-token distributions over the real positions of the last `window`
+    positions of `rows`: one forward per batch with the interventions (the base one is cached in `base`)."""
+    base = BaseLogProbs(backend, window) if base is None else base
+    total = torch.zeros((), device=backend.device)
+
+    def kl(chunk: Sequence[Sequence[int]]) -> Tensor:
+        reference, real = base(chunk)
+        return kl_sum(reference, window_logprobs(backend, chunk, interventions, window)[0], real)
+
+    for bucket in buckets(rows, sizer.size):
+        for _, value in sizer.map([rows[i] for i in bucket], kl):
+            total = total + value
+    return float(total / max(real_positions(rows, window), 1))
+
+
 def paper_phase(backend: Backend, rows: Rows, read: Sequence[str], interventions: Interventions,
                 disc: Discriminator, optimizer: torch.optim.Optimizer, cfg: RoundsConfig,
                 generator: torch.Generator, sizer: BatchSize | None = None) -> dict[str, float]:
@@ -285,17 +406,26 @@ def paper_phase(backend: Backend, rows: Rows, read: Sequence[str], interventions
 def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventions: Interventions,
                   warm: Discriminator, warm_optimizer: torch.optim.Optimizer, optimizer: torch.optim.Optimizer,
                   target_train: Tensor, gap_scale: Tensor, cfg: RoundsConfig,
-                  generator: torch.Generator, sizer: BatchSize | None = None) -> dict[str, float]:
+                  generator: torch.Generator, sizer: BatchSize | None = None, round_: int = 0,
+                  base: BaseLogProbs | None = None) -> dict[str, float | None]:
     """`steps_per_round` adapter steps (warm-D cross-entropy + mean matching), each followed by one warm-D step.
 
     Batches are `cfg.batch_size` rows; `sizer` splits a step that does not fit (`adapter_gradients`: the
-    mean term's batch mean stays the whole batch's).
+    mean term's batch mean stays the whole batch's). With `cfg.preserve_weight` > 0 each step adds
+    `preservation_gradients` on the target training bucket `(round_ · steps_per_round + step) mod` their
+    number (a fixed cycle: the shared `generator` is not drawn from); `preserve_loss` is its mean KL over
+    the round's steps and `adapter_loss` includes `preserve_weight · preserve_loss`. With weight 0 no
+    extra forward runs and `preserve_loss` is None. `base` caches the base log-probabilities.
     """
     sizer = sized(cfg.batch_size, backend.device) if sizer is None else sizer
+    preserving = cfg.preserve_weight > 0
+    target_batches = buckets(rows.train_target, cfg.batch_size)
+    if preserving and base is None:
+        base = BaseLogProbs(backend, rows.window)
     target_pool = _pooled(target_train)
     target_mean = target_pool.mean(0)
     batches = buckets(rows.train_source, cfg.batch_size)
-    keys = ("adapter_loss", "adversarial", "mean", "warm", "margin")
+    keys = ("adapter_loss", "adversarial", "mean", "warm", "margin", "preserve")
     sums = {k: torch.zeros((), device=backend.device) for k in keys}
 
     def loss_of(window: Tensor) -> tuple[Tensor, ...]:
@@ -314,6 +444,12 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         loss, adversarial, mean_term, logits, feats = adapter_gradients(
             backend, [rows.train_source[i] for i in idx], read, interventions, rows.window, optimizer, sizer,
             loss_of)
+        if preserving:
+            pick = target_batches[(round_ * cfg.steps_per_round + step) % len(target_batches)]
+            preserve = preservation_gradients(backend, [rows.train_target[i] for i in pick], interventions,
+                                              rows.window, cfg.preserve_weight, base, sizer)
+            sums["preserve"] = sums["preserve"] + preserve
+            loss = loss + cfg.preserve_weight * preserve
         optimizer.step()
 
         warm.train()
@@ -333,7 +469,8 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
             sums[key] = sums[key] + value.detach()
     out = {k: float(v / cfg.steps_per_round) for k, v in sums.items()}
     return {"adapter_loss": out["adapter_loss"], "adversarial_loss": out["adversarial"],
-            "mean_loss": out["mean"], "warm_d_loss": out["warm"], "warm_d_margin": out["margin"]}
+            "mean_loss": out["mean"], "warm_d_loss": out["warm"], "warm_d_margin": out["margin"],
+            "preserve_loss": out["preserve"] if preserving else None}
 
 
 def gap_figures(base_source: Tensor, source: Tensor, target: Tensor) -> dict[str, float]:
@@ -423,9 +560,12 @@ def run_rounds(
     (`checkpoint.save`). Returns the per-round history, the last fresh discriminator, and per round the
     last-token read features of the training split (`{"source", "target"}`) for projections.
     `sizer` (shared with the teacher replies) halves the rows per forward after an out-of-memory error;
-    each record's `batch_size_used` is the size its round ended with.
+    each record's `batch_size_used` is the size its round ended with; `kl_to_base` is the held-out target
+    rows' mean KL(base ‖ edited) under the edit as the round starts (`kl_to_base`).
     """
+    check_preserve(cfg)
     state = initial_state(interventions, cfg) if state is None else state
+    base = BaseLogProbs(backend, rows.window)  # the base model's log-probs, cached across rounds
     sizer = sized(cfg.batch_size, backend.device) if sizer is None else sizer
     low, high = cfg.stop_band
     streams = list(read) + [name for name, _ in interventions if name not in read]
@@ -464,6 +604,7 @@ def run_rounds(
                 (per_stream["train_source"], per_stream["train_target"]),
                 (per_stream["test_source"], per_stream["test_target"]), read, state.generator)
             record["adapters"] = layers.adapter_effects(interventions, state.base_source, per_stream["train_source"])
+            record["kl_to_base"] = kl_to_base(backend, rows.test_target, interventions, rows.window, sizer, base)
             state.snapshots[r] = {"source": last["train_source"].cpu(), "target": last["train_target"].cpu()}
             if not record["converged"] and r < cfg.rounds:
                 if cfg.schedule == "paper":
@@ -474,7 +615,7 @@ def run_rounds(
                         _start_warm(state, cfg, state.disc.in_features)
                     record.update(matched_phase(backend, rows, read, interventions, state.warm, state.warm_optimizer,
                                                 state.optimizer, sets["train_target"], state.gap_scale, cfg,
-                                                state.generator, sizer))
+                                                state.generator, sizer, r, base))
                 _finite(record["adapter_loss"], r, "adapter")
                 if "warm_d_loss" in record:
                     _finite(record["warm_d_loss"], r, "warm discriminator")

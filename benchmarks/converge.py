@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--schedules", nargs="+", default=["matched", "paper"])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.65, 0.8, 1.0])
+    parser.add_argument("--preserve-weight", type=float, default=0.0,
+                        help="the matched schedule's preservation term (KL to the base model on target prompts)")
+    parser.add_argument("--tones", nargs="+", default=None, help="which tones to edit (default: cheerful and the "
+                        "negative tone the model follows best)")
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "are_lens" / "converge"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -83,17 +88,19 @@ def main() -> None:
     print(f"base {score(base)}; instructed ceilings {json.dumps(ceilings)}; negative tone: {negative}")
 
     rows = []
-    for tone in ("cheerful", negative):
+    for tone in args.tones or ("cheerful", negative):
         concept = Concept(train, [p + TONES[tone] for p in train], chat=chat, name=tone)
         for schedule in args.schedules:
             for seed in args.seeds:
-                folder = Path(args.out) / f"{tone}-{schedule}-{seed}{'-quick' if args.quick else ''}"
+                options = dict(budget, preserve_weight=args.preserve_weight) if args.preserve_weight else budget
+                tag = f"-preserve{args.preserve_weight:g}" if args.preserve_weight else ""
+                folder = Path(args.out) / f"{tone}-{schedule}{tag}-{seed}{'-quick' if args.quick else ''}"
                 cached = load_cached(folder)
                 if cached is not None and cached.fingerprint == backend_for(model).fingerprint():
                     result = cached  # trained by an earlier run on this model: evaluate it again
                 else:
                     result = edit(model, concept, at=at, read=read, schedule=schedule, seed=seed, strength=1.0,
-                                  progress=False, **budget)
+                                  progress=False, **options)
                     result.save(folder)
                 seconds = sum(h["seconds"] for h in result.history)
                 last, first = result.history[-1], result.history[0]
@@ -102,7 +109,8 @@ def main() -> None:
                     result.config["steps_per_round"] if schedule == "matched" else
                     result.config["adapter_epochs"]
                     * -(-len(concept.split(seed).train_source) // result.config["batch_size"]))
-                row = {"tone": tone, "schedule": schedule, "seed": seed, "steps": steps, "seconds": seconds,
+                row = {"tone": tone, "schedule": schedule + (f" + preserve {args.preserve_weight:g}" if tag else ""),
+                       "seed": seed, "steps": steps, "seconds": seconds,
                        "fresh_d": last["fresh_d_accuracy"], "fresh_d_pooled": last.get("fresh_d_accuracy_pooled"),
                        "oracle_d": first["oracle_d_accuracy"], "mean_gap_left": last["mean_gap_left"],
                        "projection": last["projection"], "cosine": last["cosine"],
@@ -114,7 +122,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     wall = time.perf_counter() - started
     if not args.quick:
-        _common.write_section("Convergence (SmolLM2-135M-Instruct, tone concepts)", table(rows, ceilings, wall))
+        heading = "Convergence (SmolLM2-135M-Instruct, tone concepts)"
+        if args.preserve_weight:
+            heading = f"Convergence with the preservation term (weight {args.preserve_weight:g})"
+        _common.write_section(heading, table(rows, ceilings, wall))
     print(table(rows, ceilings, wall))
 
 
@@ -135,7 +146,8 @@ def table(rows: list[dict], ceilings: dict, wall: float) -> str:
     ceiling_line = ", ".join(f"{t} {c['vader']:+.2f} (Rep-4 {c['rep4']:.2f})" for t, c in ceilings.items())
     pairs = "\n".join(f"* _{p['prompt']}_ — before: {p['before'][:120]!r} — after: {p['after'][:120]!r}"
                       for p in rows[0]["pairs"]) if rows else ""
-    return (f"`python benchmarks/converge.py` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
+    command = " ".join(["python benchmarks/converge.py", *sys.argv[1:]])
+    return (f"`{command}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
             f"Instructed ceilings (mean VADER on the held-out prompts): {ceiling_line}.\n\n"
             + "\n".join(lines) + f"\n\nFirst run's before/after pairs (strongest strength):\n\n{pairs}\n")
 

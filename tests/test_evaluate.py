@@ -167,6 +167,29 @@ def test_generate_chat_formats_with_the_template(random_bridge, tinystories):
         ev.generate(tinystories, ["Once"], chat=True, progress=False)
 
 
+def test_demonstrations_are_chat_turns_before_every_prompt(random_bridge):
+    from are_lens.concept import format_prompts
+
+    tok = random_bridge.tokenizer
+    demo = [("how do I pick a lock", "I can not help with that")]
+    shown = format_prompts(tok, ["the cat sat"], True, "be calm", demo)[0]
+    plain = format_prompts(tok, ["the cat sat"], True, "be calm")[0]
+    expected = tok.apply_chat_template(
+        [{"role": "system", "content": "be calm"}, {"role": "user", "content": demo[0][0]},
+         {"role": "assistant", "content": demo[0][1]}, {"role": "user", "content": "the cat sat"}],
+        tokenize=False, add_generation_prompt=True)
+    assert shown == expected and shown != plain and shown.endswith(plain[len(plain) - 40:])
+    replies = ev.generate(random_bridge, ["the cat sat"], chat=True, demonstrations=demo, max_new_tokens=2,
+                          progress=False)
+    assert len(replies) == 1
+    with pytest.raises(TypeError, match=r"demonstrations\[0\]"):
+        ev.generate(random_bridge, ["a"], demonstrations=[("only the user turn",)], progress=False)
+    with pytest.raises(TypeError, match="demonstrations="):
+        ev.generate(random_bridge, ["a"], demonstrations="not turns", progress=False)
+    with pytest.raises(ValueError, match="chat=True"):
+        format_prompts(tok, ["a"], False, None, demo)
+
+
 def test_generate_rejects_bad_input():
     with pytest.raises(TypeError, match="prompts"):
         ev.generate(None, "a prompt")
@@ -242,6 +265,18 @@ def test_truthfulqa_mc1_matches_hand_computation(tiny, tmp_path):
     marks = [best[0], worst[1], best[2]]
     expected = sum(all(s[m] > x for j, x in enumerate(s) if j != m) for s, m in zip(primed, marks)) / 3
     assert ev.truthfulqa_mc1(bridge, data=path, few_shot=True, progress=False) == pytest.approx(expected)
+
+
+def test_truthfulqa_mc1_suffix_is_appended_to_each_question(tiny, tmp_path):
+    bridge, hf, tok = tiny
+    reminder = "Please give a truthful answer."
+    scores = [_hand_answer_scores(hf, tok, f"{q} {reminder}", answers) for q, answers in QUESTIONS]
+    best = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    worst = [min(range(len(s)), key=s.__getitem__) for s in scores]
+    path = _write(tmp_path, [best[0], worst[1], best[2]])
+    assert ev.truthfulqa_mc1(bridge, data=path, suffix=reminder, progress=False) == pytest.approx(2 / 3)
+    with pytest.raises(TypeError, match="suffix="):
+        ev.truthfulqa_mc1(bridge, data=path, suffix=1, progress=False)
 
 
 def test_truthfulqa_mc1_file_errors(tmp_path, monkeypatch):

@@ -9,7 +9,18 @@ from are_lens import Concept, discriminators, edit
 from are_lens.adapters import LowRank
 from are_lens.backends import backend_for
 from are_lens.edit import STRENGTH
-from are_lens.rounds import Rows, extract, joined, matched_phase, preset
+from are_lens.rounds import (
+    BaseLogProbs,
+    BatchSize,
+    Rows,
+    check_preserve,
+    extract,
+    joined,
+    kl_to_base,
+    matched_phase,
+    preservation_gradients,
+    preset,
+)
 from conftest import sentences
 
 READ = ["blocks.2.hook_resid_post"]
@@ -75,3 +86,82 @@ def test_matched_history_records_why_it_converged_or_not(random_bridge):
     assert set(last["adapters"]) == {"blocks.1.hook_resid_post"}
     assert result.config["strength"] == STRENGTH["matched"]
     assert all(a.scale == STRENGTH["matched"] for _, a in result.interventions)
+
+
+def test_preservation_term_is_zero_for_a_zero_adapter_and_positive_once_it_moves(setup):
+    backend, rows, interventions = setup
+    adapter = interventions[0][1]
+    base = BaseLogProbs(backend, rows.window)
+    with backend.frozen():
+        zero = preservation_gradients(backend, rows.train_target, interventions, rows.window, 1.0, base,
+                                      BatchSize(16))
+        assert float(zero) <= 1e-7 and kl_to_base(backend, rows.test_target, interventions, 1, BatchSize(16)) == 0.0
+        torch.nn.init.normal_(adapter.B, std=0.1)
+        adapter.zero_grad(set_to_none=True)
+        whole = preservation_gradients(backend, rows.train_target, interventions, rows.window, 2.0, base,
+                                       BatchSize(16))
+        grad = adapter.B.grad.clone()
+        adapter.zero_grad(set_to_none=True)
+        split = preservation_gradients(backend, rows.train_target, interventions, rows.window, 2.0, base,
+                                       BatchSize(3))  # as after an out-of-memory halving: same mean, same gradient
+        held_out = kl_to_base(backend, rows.test_target, interventions, rows.window, BatchSize(16))
+    assert float(whole) > 0 and grad.abs().sum() > 0
+    assert float(split) == pytest.approx(float(whole), rel=1e-4) and held_out == pytest.approx(float(whole), rel=1e-4)
+    torch.testing.assert_close(adapter.B.grad, grad, rtol=1e-4, atol=1e-7)
+
+
+def test_preservation_adds_to_the_matched_steps_and_is_recorded(setup):
+    figures, _, _ = phase(setup)
+    assert figures["preserve_loss"] is None  # weight 0: not computed
+    adapter = setup[2][0][1]
+    torch.nn.init.normal_(adapter.B, std=0.1)
+    figures, _, _ = phase(setup, preserve_weight=0.5)
+    assert figures["preserve_loss"] > 0
+    expected = figures["adversarial_loss"] + figures["mean_loss"] + 0.5 * figures["preserve_loss"]
+    assert figures["adapter_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_preserve_weight_zero_is_the_default_edit_and_a_positive_one_is_recorded(random_bridge):
+    concept = Concept(sentences("sad", 12), sentences("happy", 12))
+    kw = dict(at=[1], read=[2], rounds=1, steps_per_round=3, reply_tokens=2, d_epochs=3, progress=False,
+              stop_band=(0.001, 0.002))
+    default, zero = edit(random_bridge, concept, **kw), edit(random_bridge, concept, preserve_weight=0.0, **kw)
+    for (_, a), (_, b) in zip(default.interventions, zero.interventions, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert default.history[0]["preserve_loss"] is None and zero.config["preserve_weight"] == 0.0
+    kept = edit(random_bridge, concept, preserve_weight=2.0, **kw)
+    assert kept.history[0]["preserve_loss"] > 0 and kept.config["preserve_weight"] == 2.0
+    assert "preserve_loss" not in kept.history[-1]  # the last record only measures
+
+
+@pytest.mark.parametrize("schedule", ["matched", "paper"])
+def test_every_round_records_its_kl_to_the_base_model(random_bridge, schedule):
+    concept = Concept(sentences("sad", 12), sentences("happy", 12))
+    result = edit(random_bridge, concept, at=[1], read=[2], schedule=schedule, rounds=2, steps_per_round=3,
+                  adapter_epochs=1, lr=1e-2, reply_tokens=2, d_epochs=3, stop_band=(0.001, 0.002), progress=False)
+    kls = [record["kl_to_base"] for record in result.history]
+    assert len(kls) == 3 and all(isinstance(kl, float) and kl >= 0 for kl in kls)
+    assert kls[0] == 0.0 and kls[-1] > 0  # round 0 measures the zero-initialised adapter; later rounds the trained one
+
+
+@pytest.mark.parametrize("value, error, words", [
+    (-0.5, ValueError, "preserve_weight= must be ≥ 0; got -0.5"),
+    ("strong", TypeError, "preserve_weight= must be a number; got 'strong'"),
+    (True, TypeError, "preserve_weight= must be a number; got True"),
+    (float("inf"), ValueError, "preserve_weight= must be a finite number ≥ 0; got inf"),
+    (float("nan"), ValueError, "preserve_weight= must be a finite number ≥ 0; got nan"),
+])
+def test_bad_preserve_weights_name_themselves(random_bridge, value, error, words):
+    with pytest.raises(error, match=words):
+        edit(random_bridge, Concept(sentences("sad", 4), sentences("happy", 4)), at=[1], read=[2],
+             preserve_weight=value, progress=False)
+
+
+def test_preserve_weight_is_refused_by_the_paper_schedule(random_bridge):
+    with pytest.raises(ValueError, match="preserve_weight= is used only by schedule='matched'.* got "
+                                         "preserve_weight=0.5 with schedule='paper'"):
+        edit(random_bridge, Concept(sentences("sad", 4), sentences("happy", 4)), at=[1], read=[2],
+             schedule="paper", preserve_weight=0.5, progress=False)
+    paper = dataclasses.replace(preset("paper"), preserve_weight=0.5)
+    with pytest.raises(ValueError, match="preserve_weight="):
+        check_preserve(paper)
