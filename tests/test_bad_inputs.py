@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from are_lens import Concept, Edit, edit
+from are_lens import Concept, Edit, edit, evaluate
 from are_lens.adapters import lora_pair
 from are_lens.files import save_json
 from are_lens.rounds import NumericsError
@@ -147,6 +147,14 @@ ROWS = [
     ("merge-residual-adapter", lambda c: c.trained.merge_into(c.model), ValueError,
      "lowrank adapter .* cannot be merged into the weights exactly"),
     ("peft-gemma", gemma_peft, ValueError, "cannot merge exactly on the gemma family"),
+    ("demonstrations-not-pairs", lambda c: evaluate.generate(c.model, ["a"], demonstrations=[("user only",)],
+                                                             progress=False), TypeError,
+     r"demonstrations\[0\] must be a \(user, assistant\) pair of strings"),
+    ("demonstrations-without-chat", lambda c: evaluate.generate(c.model, ["a"], chat=False, progress=False,
+                                                                demonstrations=[("u", "a")]), ValueError,
+     "demonstrations= are chat turns and need chat=True"),
+    ("truthfulqa-suffix-type", lambda c: evaluate.truthfulqa_mc1(c.model, suffix=1), TypeError,
+     "suffix= must be a string"),
 ]
 
 
