@@ -45,7 +45,8 @@ def adapter_effects(
     out = {}
     for name, adapter in interventions:
         delta = edited[name] - base[name]
-        weights = torch.cat([p.detach().flatten() for p in adapter.parameters()] + [torch.zeros(1, device=next(adapter.parameters(), torch.zeros(1)).device)])
+        params = [p.detach().flatten() for p in adapter.parameters()]  # on the adapter's device (GPU too)
+        weights = torch.cat(params) if params else torch.zeros(1)
         out[name] = {
             "delta_norm": float(delta.norm(dim=-1).mean()),
             "relative_delta_norm": float((delta.norm(dim=-1) / base[name].norm(dim=-1).clamp_min(1e-12)).mean()),

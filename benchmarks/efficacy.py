@@ -292,7 +292,8 @@ def part_organism(bench: Bench) -> list[dict]:
         bad, good = bench.replies(model, harmful), bench.replies(model, kind)
         rows.append({"row": name, "harmful_refusal": evaluate.refusal_rate(bad),
                      "harmless_refusal": evaluate.refusal_rate(good), "quality": quality(good),
-                     "examples": [{"prompt": p, "reply": r} for p, r in zip(harmful[:2] + kind[:2], bad[:2] + good[:2])]})
+                     "examples": [{"prompt": p, "reply": r}
+                                  for p, r in zip(harmful[:2] + kind[:2], bad[:2] + good[:2])]})
     rows[-1]["train_seconds"] = safety.config.get("train_seconds")
     rows[-1]["final_loss"] = safety.history[-1]["loss"]
     return rows
@@ -440,7 +441,8 @@ def _pct(value: float | None) -> str:
 
 def table_organism(rows: list[dict], bench: Bench) -> str:
     s = bench.sizes
-    lines = ["| model | refusal, held-out harmful | refusal, held-out harmless | Self-BLEU | Rep-4 |", "|---|---|---|---|---|"]
+    lines = ["| model | refusal, held-out harmful | refusal, held-out harmless | Self-BLEU | Rep-4 |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {_pct(r['harmful_refusal'])} | {_pct(r['harmless_refusal'])} | "
               f"{_f(r['quality']['self_bleu'])} | {_f(r['quality']['rep4'])} |" for r in rows]
     org = rows[-1]
@@ -534,7 +536,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes (CI)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--backend", choices=("nnsight", "transformer_lens"), default="nnsight")
-    parser.add_argument("--batch-size", type=int, default=None, help="generation/scoring batch (default 64 GPU, 16 CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="generation/scoring batch (default 64 GPU, 16 CPU)")
     parser.add_argument("--out", default=str(cache_dir() / "efficacy"))
     args = parser.parse_args()
     bench = Bench(args)

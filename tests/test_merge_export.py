@@ -108,3 +108,13 @@ def test_lora_on_other_hooks_is_refused(random_bridge, tmp_path):
                 fingerprint=backend_for(random_bridge).fingerprint())
     with pytest.raises(ValueError, match="does not bracket one linear map"):
         edit.to_peft(tmp_path / "peft")
+
+
+def test_merged_weight_lands_on_the_weights_device():
+    """An edit loaded on CPU merges into a model on another device (the GPU in practice; `meta` here)."""
+    (_, _), (_, writer) = lora_pair(6, 4, 2, "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out")
+    with torch.no_grad():
+        writer.B.normal_()
+    weight = torch.zeros(4, 6)
+    assert torch.equal(writer.merged_weight(weight), writer.scale * writer.B @ writer.A)
+    assert writer.merged_weight(weight.to("meta")).device.type == "meta"
