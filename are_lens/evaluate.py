@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .artifact import Edit
 from .backends import Backend, backend_for
 from .concept import demonstration_turns, format_prompts
-from .rounds import BatchSize, buckets
+from .rounds import BatchSize, buckets, kl_sum
 
 # -- generation ------------------------------------------------------------------------------------
 
@@ -358,10 +358,8 @@ def kl_to_base(
             base = F.log_softmax(backend.logits(batch).float(), dim=-1)
             with edit.applied(model):
                 edited = F.log_softmax(backend.logits(batch).float(), dim=-1)
-            p = base.exp()
-            kl = torch.where(p > 0, p * (base - edited), 0.0).sum(-1)
             real = batch.attention_mask.bool()
-            total += kl[real].double().sum().item()
+            total += kl_sum(base, edited, real).item()
             count += int(real.sum())
             bar.update(len(idx))
     bar.close()

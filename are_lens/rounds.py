@@ -316,8 +316,10 @@ def kl_sum(
     base: Float[Tensor, "batch window vocab"], edited: Float[Tensor, "batch window vocab"],
     real: Bool[Tensor, "batch window"],
 ) -> Float[Tensor, ""]:
-    """Σ over the real positions of KL(base ‖ edited) = Σ_v p_base·(log p_base − log p_edited)."""
-    kl = F.kl_div(edited, base, log_target=True, reduction="none").sum(-1)
+    """Σ over the real positions of KL(base ‖ edited) = Σ_v p_base·(log p_base − log p_edited), in nats
+    (tokens the base model gives probability 0 contribute 0)."""
+    p = base.exp()
+    kl = torch.where(p > 0, p * (base - edited), 0.0).sum(-1)
     return torch.where(real, kl, torch.zeros((), device=kl.device)).sum()  # pad positions count for nothing
 
 

@@ -264,6 +264,11 @@ def refusal_row(bench: Bench, model: object, name: str, edit: are_lens.Edit | No
            "quality": quality(bad), "examples": [{"prompt": p, "reply": r} for p, r in zip(harmful, bad)][:3],
            "train_seconds": None if edit is None else edit.config.get("train_seconds"),
            "eval_seconds": time.perf_counter() - started}
+    return row
+
+
+def shown(row: dict) -> dict:
+    """`row`, printed as one JSON line without its example replies (progress output of the parts)."""
     print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
     return row
 
@@ -328,7 +333,7 @@ def part_attack(bench: Bench) -> list[dict]:
             lambda: baselines.lora_finetune(organism, sure, targets, rank=8, steps=s.lora_steps, lr=1e-3,
                                             batch_size=16, progress=False))),
     ]
-    return [refusal_row(bench, organism, name, e, harmful, kind, transcripts) for name, e in edits]
+    return [shown(refusal_row(bench, organism, name, e, harmful, kind, transcripts)) for name, e in edits]
 
 
 def part_defence(bench: Bench) -> list[dict]:
@@ -364,8 +369,7 @@ def part_defence(bench: Bench) -> list[dict]:
             row[method] = evaluate.refusal_rate(answers)
             attacked += answers
         row["quality"] = quality(attacked)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+        rows.append(shown(row))
     rows[0]["n_test_goals"], rows[0]["n_train_prompts"] = len(test_goals), len(train)
     return rows
 
@@ -399,8 +403,7 @@ def part_hallucination(bench: Bench) -> list[dict]:
         row = {"row": name, "mc1": mc1, "quality": quality(answers),
                "train_seconds": None if e is None else e.config.get("train_seconds"),
                "eval_seconds": time.perf_counter() - started}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(shown(row))
     return rows
 
 
@@ -423,8 +426,7 @@ def part_tone(bench: Bench) -> list[dict]:
             row = {"row": name, "tone": tone, **converge.score(answers), "quality": quality(answers),
                    "examples": [{"prompt": p, "before": b, "after": a}
                                 for p, b, a in zip(held_out[:2], base[:2], answers[:2])]}
-            print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
-            rows.append(row)
+            rows.append(shown(row))
     return rows
 
 
