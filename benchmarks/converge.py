@@ -8,12 +8,18 @@ writes the table to benchmarks/RESULTS.md. Trained edits are cached in --out and
 
     python benchmarks/converge.py            # full run (~40 min on 2 CPU cores)
     python benchmarks/converge.py --quick    # tiny model, seconds (a test runs this)
+    python benchmarks/converge.py --tones gloomy --seeds 0 --set reply_tokens=0   # an ablation
+
+Ablations (`--set OPTION=JSON` for edit() options, `--source-suffix` for a contrastive source set, `--at`/
+`--read` for other blocks) are cached and labelled separately and written under their own heading.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -60,13 +66,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--schedules", nargs="+", default=["matched", "paper"])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.65, 0.8, 1.0])
-    parser.add_argument("--preserve-weight", type=float, default=0.0,
-                        help="the matched schedule's preservation term (KL to the base model on target prompts)")
     parser.add_argument("--tones", nargs="+", default=None, help="which tones to edit (default: cheerful and the "
                         "negative tone the model follows best)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="OPTION=JSON",
+                        help="edit() options for every run, e.g. reply_tokens=0 preserve_weight=1 (ablations)")
+    parser.add_argument("--source-suffix", default="", help="appended to the source prompts: a contrastive "
+                        "source, e.g. ' Answer in a neutral, plain, matter-of-fact tone.' (default: plain prompts)")
+    parser.add_argument("--at", type=int, nargs="+", default=None, help="edited blocks (default 6-9)")
+    parser.add_argument("--read", type=int, nargs="+", default=None, help="read blocks (default 10-14)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "are_lens" / "converge"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.quick:
         model = are_lens.load_model(str(_common.shared("models", "tinystories-656k")))
@@ -78,23 +89,30 @@ def main() -> None:
         train, held_out = alpaca(64, 30)
         chat, at, read, tokens, budget = True, range(6, 10), range(10, 15), 48, {}
         tones = list(TONES)
+    at, read = args.at or at, args.read or read
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    variant = "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (
+        f"-source{hashlib.sha256(args.source_suffix.encode()).hexdigest()[:8]}" if args.source_suffix else "") + (
+        f"-at{'_'.join(map(str, at))}-read{'_'.join(map(str, read))}" if args.at or args.read else "")
 
     def replies(prompts: list[str], e: are_lens.Edit | None = None) -> list[str]:
         return evaluate.generate(model, prompts, edit=e, chat=chat, max_new_tokens=tokens, progress=False)
 
     base = replies(held_out)
-    ceilings = {tone: score(replies([p + TONES[tone] for p in held_out])) for tone in tones}
-    negative = min((t for t in tones if t != "cheerful"), key=lambda t: ceilings[t]["vader"])
-    print(f"base {score(base)}; instructed ceilings {json.dumps(ceilings)}; negative tone: {negative}")
+    ceilings = {tone: score(replies([p + TONES[tone] for p in held_out])) for tone in args.tones or tones}
+    if args.tones is None:
+        negative = min((t for t in tones if t != "cheerful"), key=lambda t: ceilings[t]["vader"])
+        print(f"negative tone followed best: {negative}")
+    print(f"base {score(base)}; instructed ceilings {json.dumps(ceilings)}")
 
     rows = []
     for tone in args.tones or ("cheerful", negative):
-        concept = Concept(train, [p + TONES[tone] for p in train], chat=chat, name=tone)
+        concept = Concept([p + args.source_suffix for p in train], [p + TONES[tone] for p in train], chat=chat,
+                          name=tone)
         for schedule in args.schedules:
             for seed in args.seeds:
-                options = dict(budget, preserve_weight=args.preserve_weight) if args.preserve_weight else budget
-                tag = f"-preserve{args.preserve_weight:g}" if args.preserve_weight else ""
-                folder = Path(args.out) / f"{tone}-{schedule}{tag}-{seed}{'-quick' if args.quick else ''}"
+                options = {**budget, **extra}
+                folder = Path(args.out) / f"{tone}-{schedule}{variant}-{seed}{'-quick' if args.quick else ''}"
                 cached = load_cached(folder)
                 if cached is not None and cached.fingerprint == backend_for(model).fingerprint():
                     result = cached  # trained by an earlier run on this model: evaluate it again
@@ -109,7 +127,10 @@ def main() -> None:
                     result.config["steps_per_round"] if schedule == "matched" else
                     result.config["adapter_epochs"]
                     * -(-len(concept.split(seed).train_source) // result.config["batch_size"]))
-                row = {"tone": tone, "schedule": schedule + (f" + preserve {args.preserve_weight:g}" if tag else ""),
+                label = "".join(f", {k}={v}" for k, v in extra.items()) + (
+                    f", source +{args.source_suffix!r}" if args.source_suffix else "") + (
+                    f", at {list(at)} read {list(read)}" if args.at or args.read else "")
+                row = {"tone": tone, "schedule": schedule + label,
                        "seed": seed, "steps": steps, "seconds": seconds,
                        "fresh_d": last["fresh_d_accuracy"], "fresh_d_pooled": last.get("fresh_d_accuracy_pooled"),
                        "oracle_d": first["oracle_d_accuracy"], "mean_gap_left": last["mean_gap_left"],
@@ -121,12 +142,29 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     wall = time.perf_counter() - started
-    if not args.quick:
-        heading = "Convergence (SmolLM2-135M-Instruct, tone concepts)"
-        if args.preserve_weight:
-            heading = f"Convergence with the preservation term (weight {args.preserve_weight:g})"
-        _common.write_section(heading, table(rows, ceilings, wall))
+    if args.quick:
+        pass
+    elif variant:
+        _common.write_section("Convergence ablations (SmolLM2-135M-Instruct)", ablations(rows, Path(args.out), wall))
+    else:
+        _common.write_section("Convergence (SmolLM2-135M-Instruct, tone concepts)", table(rows, ceilings, wall))
     print(table(rows, ceilings, wall))
+
+
+def ablations(rows: list[dict], out: Path, wall: float) -> str:
+    """All ablation rows measured so far (kept in `out`/ablations.json, this run's replacing its own), with
+    the command and machine that measured each."""
+    store = out / "ablations.json"
+    command = f"`{shlex.join(['python', 'benchmarks/converge.py', *sys.argv[1:]])}` — {_common.machine()}, " \
+              f"wall {wall / 60:.1f} min"
+    saved = json.loads(store.read_text()) if store.exists() else []
+    fresh = [{**r, "command": command} for r in rows]
+    keys = {(r["tone"], r["schedule"], r["seed"]) for r in fresh}
+    saved = [r for r in saved if (r["tone"], r["schedule"], r["seed"]) not in keys] + fresh
+    store.write_text(json.dumps(saved, indent=1))
+    commands = "\n".join(f"* {c}" for c in dict.fromkeys(r["command"] for r in saved))
+    body = table(saved, {}, wall)
+    return body[body.index("| tone"):body.index("\n\nFirst run")] + f"\n\nMeasured by:\n\n{commands}\n"
 
 
 def table(rows: list[dict], ceilings: dict, wall: float) -> str:
@@ -146,7 +184,7 @@ def table(rows: list[dict], ceilings: dict, wall: float) -> str:
     ceiling_line = ", ".join(f"{t} {c['vader']:+.2f} (Rep-4 {c['rep4']:.2f})" for t, c in ceilings.items())
     pairs = "\n".join(f"* _{p['prompt']}_ — before: {p['before'][:120]!r} — after: {p['after'][:120]!r}"
                       for p in rows[0]["pairs"]) if rows else ""
-    command = " ".join(["python benchmarks/converge.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/converge.py", *sys.argv[1:]])
     return (f"`{command}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
             f"Instructed ceilings (mean VADER on the held-out prompts): {ceiling_line}.\n\n"
             + "\n".join(lines) + f"\n\nFirst run's before/after pairs (strongest strength):\n\n{pairs}\n")
