@@ -142,11 +142,9 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     wall = time.perf_counter() - started
-    if args.quick:
-        pass
-    elif variant:
+    if variant and not args.quick:  # the tiny model's figures are a smoke test, not results
         _common.write_section("Convergence ablations (SmolLM2-135M-Instruct)", ablations(rows, Path(args.out), wall))
-    else:
+    elif not args.quick:
         _common.write_section("Convergence (SmolLM2-135M-Instruct, tone concepts)", table(rows, ceilings, wall))
     print(table(rows, ceilings, wall))
 
