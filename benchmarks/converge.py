@@ -11,7 +11,8 @@ writes the table to benchmarks/RESULTS.md. Trained edits are cached in --out and
     python benchmarks/converge.py --tones gloomy --seeds 0 --set reply_tokens=0   # an ablation
 
 Ablations (`--set OPTION=JSON` for edit() options, `--source-suffix` for a contrastive source set, `--at`/
-`--read` for other blocks) are cached and labelled separately and written under their own heading.
+`--read` for other blocks) are cached and labelled separately; their rows gather in one "Convergence
+ablations" section of RESULTS.md, each with the command that measured it.
 """
 
 from __future__ import annotations
@@ -90,10 +91,15 @@ def main() -> None:
         chat, at, read, tokens, budget = True, range(6, 10), range(10, 15), 48, {}
         tones = list(TONES)
     at, read = args.at or at, args.read or read
+    if any("=" not in item for item in args.set):
+        parser.error(f"--set takes OPTION=JSON items, e.g. preserve_weight=1; got {args.set}")
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     variant = "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (
         f"-source{hashlib.sha256(args.source_suffix.encode()).hexdigest()[:8]}" if args.source_suffix else "") + (
         f"-at{'_'.join(map(str, at))}-read{'_'.join(map(str, read))}" if args.at or args.read else "")
+    label = "".join(f", {k}={v}" for k, v in extra.items()) + (  # the variant as the table shows it
+        f", source +{args.source_suffix!r}" if args.source_suffix else "") + (
+        f", at {list(at)} read {list(read)}" if args.at or args.read else "")
 
     def replies(prompts: list[str], e: are_lens.Edit | None = None) -> list[str]:
         return evaluate.generate(model, prompts, edit=e, chat=chat, max_new_tokens=tokens, progress=False)
@@ -111,14 +117,13 @@ def main() -> None:
                           name=tone)
         for schedule in args.schedules:
             for seed in args.seeds:
-                options = {**budget, **extra}
                 folder = Path(args.out) / f"{tone}-{schedule}{variant}-{seed}{'-quick' if args.quick else ''}"
                 cached = load_cached(folder)
                 if cached is not None and cached.fingerprint == backend_for(model).fingerprint():
                     result = cached  # trained by an earlier run on this model: evaluate it again
                 else:
                     result = edit(model, concept, at=at, read=read, schedule=schedule, seed=seed, strength=1.0,
-                                  progress=False, **options)
+                                  progress=False, **{**budget, **extra})
                     result.save(folder)
                 seconds = sum(h["seconds"] for h in result.history)
                 last, first = result.history[-1], result.history[0]
@@ -127,9 +132,6 @@ def main() -> None:
                     result.config["steps_per_round"] if schedule == "matched" else
                     result.config["adapter_epochs"]
                     * -(-len(concept.split(seed).train_source) // result.config["batch_size"]))
-                label = "".join(f", {k}={v}" for k, v in extra.items()) + (
-                    f", source +{args.source_suffix!r}" if args.source_suffix else "") + (
-                    f", at {list(at)} read {list(read)}" if args.at or args.read else "")
                 row = {"tone": tone, "schedule": schedule + label,
                        "seed": seed, "steps": steps, "seconds": seconds,
                        "fresh_d": last["fresh_d_accuracy"], "fresh_d_pooled": last.get("fresh_d_accuracy_pooled"),
@@ -149,23 +151,26 @@ def main() -> None:
     print(table(rows, ceilings, wall))
 
 
+def this_command() -> str:
+    return shlex.join(["python", "benchmarks/converge.py", *sys.argv[1:]])
+
+
 def ablations(rows: list[dict], out: Path, wall: float) -> str:
     """All ablation rows measured so far (kept in `out`/ablations.json, this run's replacing its own), with
     the command and machine that measured each."""
     store = out / "ablations.json"
-    command = f"`{shlex.join(['python', 'benchmarks/converge.py', *sys.argv[1:]])}` — {_common.machine()}, " \
-              f"wall {wall / 60:.1f} min"
+    command = f"`{this_command()}` — {_common.machine()}, wall {wall / 60:.1f} min"
     saved = json.loads(store.read_text()) if store.exists() else []
     fresh = [{**r, "command": command} for r in rows]
     keys = {(r["tone"], r["schedule"], r["seed"]) for r in fresh}
     saved = [r for r in saved if (r["tone"], r["schedule"], r["seed"]) not in keys] + fresh
     store.write_text(json.dumps(saved, indent=1))
     commands = "\n".join(f"* {c}" for c in dict.fromkeys(r["command"] for r in saved))
-    body = table(saved, {}, wall)
-    return body[body.index("| tone"):body.index("\n\nFirst run")] + f"\n\nMeasured by:\n\n{commands}\n"
+    return markdown_rows(saved) + f"\n\nMeasured by:\n\n{commands}\n"
 
 
-def table(rows: list[dict], ceilings: dict, wall: float) -> str:
+def markdown_rows(rows: list[dict]) -> str:
+    """One table line per run: convergence figures, VADER and Rep-4 at every strength."""
     strengths = list(rows[0]["after"]) if rows else []
     head = ("| tone | schedule | seed | steps | s | fresh-D last | pooled | oracle | gap left | proj | cos | "
             "VADER base | " + " | ".join(f"VADER ×{s}" for s in strengths) + " | VADER instr. | Rep-4 base | "
@@ -179,13 +184,16 @@ def table(rows: list[dict], ceilings: dict, wall: float) -> str:
             f"{r['base']['vader']:+.2f} | " + " | ".join(f"{r['after'][s]['vader']:+.2f}" for s in strengths)
             + f" | {r['instructed']['vader']:+.2f} | {r['base']['rep4']:.2f} | "
             + " | ".join(f"{r['after'][s]['rep4']:.2f}" for s in strengths) + " |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict], ceilings: dict, wall: float) -> str:
     ceiling_line = ", ".join(f"{t} {c['vader']:+.2f} (Rep-4 {c['rep4']:.2f})" for t, c in ceilings.items())
     pairs = "\n".join(f"* _{p['prompt']}_ — before: {p['before'][:120]!r} — after: {p['after'][:120]!r}"
                       for p in rows[0]["pairs"]) if rows else ""
-    command = shlex.join(["python", "benchmarks/converge.py", *sys.argv[1:]])
-    return (f"`{command}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
+    return (f"`{this_command()}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
             f"Instructed ceilings (mean VADER on the held-out prompts): {ceiling_line}.\n\n"
-            + "\n".join(lines) + f"\n\nFirst run's before/after pairs (strongest strength):\n\n{pairs}\n")
+            + markdown_rows(rows) + f"\n\nFirst run's before/after pairs (strongest strength):\n\n{pairs}\n")
 
 
 if __name__ == "__main__":
