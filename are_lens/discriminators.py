@@ -48,7 +48,7 @@ def make(kind: str, in_features: int, hidden: int = 512, dropout: float = 0.0) -
         return Discriminator(in_features, hidden, dropout)
     if kind == "linear":
         return Discriminator(in_features, None)
-    raise ValueError(f"discriminator= must be 'mlp' or 'linear'; got {kind!r}")
+    raise ValueError(f"discriminator= must be one of ('mlp', 'linear'); got {kind!r}")
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:

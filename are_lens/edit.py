@@ -20,9 +20,14 @@ from .concept import Concept
 from .files import writable_folder
 from .rounds import BatchSize, RoundsConfig, Rows, check_preserve, preset, run_rounds, teacher_replies
 
-STRENGTH = {"matched": 0.8, "paper": 1.0}
-"""Generation strength each schedule's edits record by default (chosen in benchmarks/converge.py)."""
+STRENGTH = {"matched": 1.0, "paper": 1.0}
+"""Generation strength each schedule's edits record by default, chosen in benchmarks/converge.py: with the
+standardised mean term, 1.0 is the one strength at which both tone directions reach their VADER targets
+on two seeds (0.8 left gloomy short on one); cheerful replies repeat more there (see RESULTS.md), which
+`Edit.scaled` trades back."""
 _TUNABLE = {f.name for f in dataclasses.fields(RoundsConfig)} - {"schedule", "stop_band", "seed"}
+_CHOICES = {"discriminator": ("mlp", "linear"), "mean_metric": ("standardized", "raw"),
+            "source_replies": ("target", "own")}
 
 
 def _checked_options(cfg: RoundsConfig, options: dict[str, Any]) -> RoundsConfig:
@@ -45,8 +50,8 @@ def _checked_options(cfg: RoundsConfig, options: dict[str, Any]) -> RoundsConfig
             if name == "preserve_weight" and not math.isfinite(value):
                 raise ValueError(f"preserve_weight= must be a finite number ≥ 0; got {value!r}")
             value = float(value)
-        elif name == "discriminator" and value not in ("mlp", "linear"):
-            raise ValueError(f"discriminator= must be 'mlp' or 'linear'; got {value!r}")
+        elif name in _CHOICES and value not in _CHOICES[name]:
+            raise ValueError(f"{name}= must be one of {_CHOICES[name]}; got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
     check_preserve(cfg)
     return cfg
@@ -115,12 +120,16 @@ def _with_replies(backend: Backend, concept: Concept, cfg: RoundsConfig, seed: i
     sizer = BatchSize(cfg.batch_size, backend.device) if sizer is None else sizer
     train_replies = teacher_replies(backend, sets[1], k, sizer)
     test_replies = teacher_replies(backend, sets[3], k, sizer)
+    if cfg.source_replies == "own":
+        train_own, test_own = teacher_replies(backend, sets[0], k, sizer), teacher_replies(backend, sets[2], k, sizer)
+    else:
+        train_own, test_own = train_replies, test_replies
 
     def append(rows: list[list[int]], replies: list[list[int]]) -> list[list[int]]:
         return [row + replies[i % len(replies)] for i, row in enumerate(rows)]
 
-    return Rows(append(sets[0], train_replies), append(sets[1], train_replies),
-                append(sets[2], test_replies), append(sets[3], test_replies), window=k + 1)
+    return Rows(append(sets[0], train_own), append(sets[1], train_replies),
+                append(sets[2], test_own), append(sets[3], test_replies), window=k + 1)
 
 
 def edit(
@@ -145,10 +154,11 @@ def edit(
     `schedule`: "matched" (default; warm discriminator + mean matching over reply positions, converges)
     or "paper" (the published schedule). `adapter`: "lowrank" (h + B·A·h, B zero-initialised),
     "lowrank+bias" or "bias" (a steering vector). `options` override the schedule's defaults
-    (`rounds`, `lr`, `discriminator` ("mlp"/"linear"), `hidden`, `steps_per_round`, `reply_tokens`, …;
-    see `RoundsConfig`); `preserve_weight` (matched only, default 0 = off) adds that weight times
-    KL(base ‖ edited) of the next-token distributions on target training rows to every adapter step, and
-    every history record holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the
+    (`rounds`, `lr`, `discriminator` ("mlp"/"linear"), `hidden`, `steps_per_round`, `reply_tokens`,
+    `mean_metric` ("standardized"/"raw"), `source_replies` ("target"/"own"), …; see `RoundsConfig`);
+    `preserve_weight` (matched only, default 0 = off) adds that weight times KL(base ‖ edited) of the
+    next-token distributions on target training rows to every adapter step, and every history record
+    holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the
     generation strength the Edit records and applies (its adapters' output multiplier; default: the
     schedule's measured choice, `STRENGTH`).
     `checkpoint_dir`: a folder where the full training state is written after every round; a run

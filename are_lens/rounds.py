@@ -8,10 +8,16 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
   frozen fresh discriminator, at the last prompt token only.
 * ``matched`` (default): the adapters take `steps_per_round` steps against a *warm* discriminator
   (dropout, weight decay, label smoothing; one update per adapter step) plus a mean-matching term
-  (edited source mean vs target mean, normalised by the initial gap), at the last prompt token and at
-  `reply_tokens` teacher-forced positions of the model's own replies to the target prompts. The paper's
-  schedule does not converge on small models (fresh D stays at 0.95–1.0 while adapters overshoot); the
-  warm D and the mean term do. Fresh discriminators are still used to measure every round.
+  (edited source mean vs target mean, each feature divided by its round-0 spread and the whole by the
+  initial gap: `mean_metric`), at the last prompt token and at `reply_tokens` teacher-forced positions
+  of the model's own replies to the target prompts (`source_replies="own"`: source rows get the replies
+  to the source prompts instead). The paper's schedule does not converge on small models (fresh D stays
+  at 0.95–1.0 while adapters overshoot); the warm D and the mean term do. Standardising the mean term
+  matters for behaviour: in raw coordinates the high-variance features weigh most (their spread is up to
+  8× the median one at SmolLM2's blocks 10–14), and a gloomy edit matched there made replies *more*
+  positive; standardised, each feature counts by its gap relative to its spread, as the discriminators
+  see it, and the same edit moves replies to the gloomy side (benchmarks/RESULTS.md). Fresh
+  discriminators are still used to measure every round.
   With `preserve_weight` > 0 each matched step also adds `preserve_weight · KL(base ‖ edited)` of the
   next-token distributions on a batch of *target* training rows, over the window's real positions
   (`preservation_gradients`): the edit is asked to leave what the target prompts already do alone.
@@ -68,6 +74,8 @@ class RoundsConfig:
     warm_weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     preserve_weight: float = 0.0  # matched only: weight of KL(base ‖ edited) on target rows; 0 = off
+    source_replies: str = "target"  # teacher-forced replies: "target" (both rows) or "own" (each set its own)
+    mean_metric: str = "standardized"  # matched only: "standardized" (features over round 0's std) or "raw"
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -426,6 +434,7 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         base = BaseLogProbs(backend, rows.window)
     target_pool = _pooled(target_train)
     target_mean = target_pool.mean(0)
+    feature_scale = mean_scale(warm, cfg)
     batches = buckets(rows.train_source, cfg.batch_size)
     keys = ("adapter_loss", "adversarial", "mean", "warm", "margin", "preserve")
     sums = {k: torch.zeros((), device=backend.device) for k in keys}
@@ -434,7 +443,7 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         feats = _pooled(window).float()
         logits = warm(feats)
         adversarial = F.cross_entropy(logits, torch.full((len(feats),), TARGET, device=feats.device))
-        mean_term = (feats.mean(0) - target_mean).pow(2).sum() / gap_scale
+        mean_term = ((feats.mean(0) - target_mean) / feature_scale).pow(2).sum() / gap_scale
         loss = cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term
         return loss, adversarial, mean_term, logits.detach(), feats.detach()
 
@@ -542,7 +551,14 @@ def _start_warm(state: LoopState, cfg: RoundsConfig, in_features: int) -> None:
     state.warm = discriminators.make(cfg.discriminator, in_features, cfg.hidden, cfg.warm_dropout)
     state.warm.standardize_on(torch.cat([source, target]))
     state.warm_optimizer = warm_optimizer(state.warm, cfg)
-    state.gap_scale = (target.mean(0) - source.mean(0)).pow(2).sum().clamp_min(1e-12)
+    gap = (target.mean(0) - source.mean(0)) / mean_scale(state.warm, cfg)
+    state.gap_scale = gap.pow(2).sum().clamp_min(1e-12)
+
+
+def mean_scale(warm: Discriminator, cfg: RoundsConfig) -> Float[Tensor, " features"]:
+    """Per-feature divisor of the mean-matching term: round 0's pooled std, which the warm discriminator
+    standardises by ("standardized"), or 1 ("raw": the high-variance features dominate the term)."""
+    return warm.std if cfg.mean_metric == "standardized" else torch.ones_like(warm.std)
 
 
 def _first_block(names: Sequence[str]) -> int:

@@ -8,7 +8,7 @@ import torch
 from are_lens import Concept, discriminators, edit
 from are_lens.adapters import LowRank
 from are_lens.backends import backend_for
-from are_lens.edit import STRENGTH
+from are_lens.edit import STRENGTH, _encode, _with_replies
 from are_lens.rounds import (
     BaseLogProbs,
     BatchSize,
@@ -20,6 +20,7 @@ from are_lens.rounds import (
     matched_phase,
     preservation_gradients,
     preset,
+    teacher_replies,
 )
 from conftest import sentences
 
@@ -47,7 +48,7 @@ def phase(setup, lr=0.0, **changes):
     with backend.frozen():
         figures = matched_phase(backend, rows, READ, interventions, warm, warm_optimizer, optimizer, target,
                                 torch.tensor(1.0), cfg, torch.Generator().manual_seed(0))
-    return figures, before, list(warm.parameters())
+    return figures, warm, before
 
 
 def test_mean_term_is_zero_when_features_already_match(setup):
@@ -55,9 +56,35 @@ def test_mean_term_is_zero_when_features_already_match(setup):
     assert figures["mean_loss"] == pytest.approx(0.0, abs=1e-10)
 
 
+@pytest.mark.parametrize("metric", ["standardized", "raw"])
+def test_mean_term_is_the_squared_gap_in_the_chosen_metric(setup, metric):
+    backend, rows, interventions = setup
+    other = backend.tokenize(sentences("happy", 8))  # source ≠ target; lr 0 keeps every step's batch the same
+    figures, warm, _ = phase((backend, Rows(other, rows.train_target, other, rows.test_target), interventions),
+                             mean_metric=metric)
+    source, target = (joined(extract(backend, r, READ, interventions, 1, 16), READ)[:, 0]
+                      for r in (other, rows.train_target))
+    scale = warm.std if metric == "standardized" else 1.0  # the warm D's fixed standardisation
+    expected = ((source.mean(0) - target.mean(0)) / scale).pow(2).sum()
+    assert figures["mean_loss"] == pytest.approx(float(expected), rel=1e-4) and figures["mean_loss"] > 0
+
+
+def test_own_replies_give_each_set_its_own_teacher_forced_reply(random_bridge):
+    backend = backend_for(random_bridge)
+    concept = Concept(sentences("sad", 8), sentences("happy", 8))
+    cfg = dataclasses.replace(preset("matched"), reply_tokens=3)
+    shared = _with_replies(backend, concept, cfg, 0)
+    own = _with_replies(backend, concept, dataclasses.replace(cfg, source_replies="own"), 0)
+    split = concept.split(0)
+    source_replies = teacher_replies(backend, _encode(backend, concept, split.train_source), 3, 16)
+    assert [row[-3:] for row in shared.train_source] == [row[-3:] for row in shared.train_target]
+    assert [row[-3:] for row in own.train_source] == source_replies
+    assert own.train_target == shared.train_target and own.window == shared.window == 4
+
+
 def test_warm_discriminator_is_updated_every_step(setup):
-    _, before, after = phase(setup)
-    assert all(not torch.equal(b, a) for b, a in zip(before, after))
+    _, warm, before = phase(setup)
+    assert all(not torch.equal(b, a) for b, a in zip(before, warm.parameters()))
 
 
 def test_adapters_move_only_under_the_matched_loss(setup):
@@ -86,6 +113,9 @@ def test_matched_history_records_why_it_converged_or_not(random_bridge):
     assert set(last["adapters"]) == {"blocks.1.hook_resid_post"}
     assert result.config["strength"] == STRENGTH["matched"]
     assert all(a.scale == STRENGTH["matched"] for _, a in result.interventions)
+    chosen = edit(random_bridge, concept, at=[1], read=[2], rounds=1, steps_per_round=2, reply_tokens=2,
+                  d_epochs=2, strength=0.4, progress=False)
+    assert chosen.config["strength"] == 0.4 and all(a.scale == 0.4 for _, a in chosen.interventions)
 
 
 def test_preservation_term_is_zero_for_a_zero_adapter_and_positive_once_it_moves(setup):
