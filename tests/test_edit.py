@@ -137,8 +137,6 @@ def test_any_hook_name_works(random_bridge, concept):
     (dict(at=[1], read=[2], stop_band=(0.4, 1.2)), ValueError, "stop_band= must satisfy"),
     (dict(at=[1], read=[2], schedule="gan"), ValueError, "schedule= must be one of"),
     (dict(at=[1], read=[2], discriminator="svm"), ValueError, r"discriminator= must be one of \('mlp', 'linear'\)"),
-    (dict(at=[1], read=[2], mean_metric="l1"), ValueError, r"mean_metric= must be one of \('standardized', 'raw'\)"),
-    (dict(at=[1], read=[2], source_replies="base"), ValueError, r"source_replies= must be one of \('target', 'own'\)"),
     (dict(at=[1], read=[2], rounds=0), ValueError, "rounds= must be ≥ 1"),
     (dict(at=[1], read=[2], lr="fast"), TypeError, "lr= must be a number"),
     (dict(at=[1], read=[2], epochs=3), TypeError, "unknown option epochs="),
