@@ -3,10 +3,11 @@
 Concepts: plain Alpaca instructions → the same + a cheerful-tone request, and → a negative tone (the
 one SmolLM2 follows best among angry/sad/gloomy/pessimistic/rude, measured here first). Two seeds.
 Prints per run: steps, seconds (of training, from the edit's history), convergence figures, VADER and
-Repetition-4 before/after at several generation strengths and instructed, five before/after pairs;
-writes the table to benchmarks/RESULTS.md. Trained edits are cached in --out and re-evaluated on rerun.
+Repetition-4 before/after at several generation strengths and instructed, Self-BLEU and reply length
+(collapse across replies, which Repetition-4 misses), five before/after pairs; writes the table to
+benchmarks/RESULTS.md. Trained edits are cached in --out and re-evaluated on rerun.
 
-    python benchmarks/converge.py            # full run (~40 min on 2 CPU cores)
+    python benchmarks/converge.py            # full run (48 min on 2 CPU cores; 12 min from cached edits)
     python benchmarks/converge.py --quick    # tiny model, seconds (a test runs this)
     python benchmarks/converge.py --tones gloomy --seeds 0 --set reply_tokens=0   # an ablation
 
@@ -58,7 +59,10 @@ def load_cached(folder: Path) -> are_lens.Edit | None:
 
 
 def score(replies: list[str]) -> dict[str, float]:
-    return {"vader": evaluate.mean_sentiment(replies), "rep4": evaluate.repetition_4(replies)}
+    """Tone (VADER), repetition within replies (Rep-4), and collapse across them: Self-BLEU and mean length
+    in words catch an edit that trades answers for one short stock line, which Rep-4 does not."""
+    return {"vader": evaluate.mean_sentiment(replies), "rep4": evaluate.repetition_4(replies),
+            "self_bleu": evaluate.self_bleu(replies), "words": sum(len(r.split()) for r in replies) / len(replies)}
 
 
 def main() -> None:
@@ -170,30 +174,45 @@ def ablations(rows: list[dict], out: Path, wall: float) -> str:
 
 
 def markdown_rows(rows: list[dict]) -> str:
-    """One table line per run: convergence figures, VADER and Rep-4 at every strength."""
+    """One table line per run: convergence figures, VADER and Rep-4 at every strength, Self-BLEU and reply
+    length at the strongest ("–" for rows measured before those were recorded)."""
     strengths = list(rows[0]["after"]) if rows else []
+    top = strengths[-1] if strengths else ""
     head = ("| tone | schedule | seed | steps | s | fresh-D last | pooled | oracle | gap left | proj | cos | "
             "VADER base | " + " | ".join(f"VADER ×{s}" for s in strengths) + " | VADER instr. | Rep-4 base | "
-            + " | ".join(f"Rep-4 ×{s}" for s in strengths) + " |")
+            + " | ".join(f"Rep-4 ×{s}" for s in strengths)
+            + f" | Self-BLEU base | Self-BLEU ×{top} | words base | words ×{top} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def shown(figures: dict, key: str, form: str) -> str:
+        return "–" if figures.get(key) is None else format(figures[key], form)
+
     for r in rows:
         pooled = "–" if r["fresh_d_pooled"] is None else f"{r['fresh_d_pooled']:.2f}"
+        base, strongest = r["base"], r["after"][top]
         lines.append(
             f"| {r['tone']} | {r['schedule']} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | {r['fresh_d']:.2f} | "
             f"{pooled} | {r['oracle_d']:.2f} | {r['mean_gap_left']:.2f} | {r['projection']:.2f} | {r['cosine']:.2f} | "
-            f"{r['base']['vader']:+.2f} | " + " | ".join(f"{r['after'][s]['vader']:+.2f}" for s in strengths)
-            + f" | {r['instructed']['vader']:+.2f} | {r['base']['rep4']:.2f} | "
-            + " | ".join(f"{r['after'][s]['rep4']:.2f}" for s in strengths) + " |")
+            f"{base['vader']:+.2f} | " + " | ".join(f"{r['after'][s]['vader']:+.2f}" for s in strengths)
+            + f" | {r['instructed']['vader']:+.2f} | {base['rep4']:.2f} | "
+            + " | ".join(f"{r['after'][s]['rep4']:.2f}" for s in strengths)
+            + f" | {shown(base, 'self_bleu', '.2f')} | {shown(strongest, 'self_bleu', '.2f')} | "
+            f"{shown(base, 'words', '.0f')} | {shown(strongest, 'words', '.0f')} |")
     return "\n".join(lines)
 
 
 def table(rows: list[dict], ceilings: dict, wall: float) -> str:
-    ceiling_line = ", ".join(f"{t} {c['vader']:+.2f} (Rep-4 {c['rep4']:.2f})" for t, c in ceilings.items())
-    pairs = "\n".join(f"* _{p['prompt']}_ — before: {p['before'][:120]!r} — after: {p['after'][:120]!r}"
-                      for p in rows[0]["pairs"]) if rows else ""
+    ceiling_line = ", ".join(f"{t} {c['vader']:+.2f} (Rep-4 {c['rep4']:.2f}, Self-BLEU {c['self_bleu']:.2f}, "
+                             f"{c['words']:.0f} words)" for t, c in ceilings.items())
+    first = {(r["tone"], r["schedule"]): r for r in reversed(rows)}  # each tone × schedule's first seed
+    runs = list(reversed(first.values()))
+    pairs = "\n".join(
+        f"* _{p['prompt']}_ — before: {p['before'][:120]!r}\n" + "\n".join(
+            f"  * {r['tone']}, {r['schedule']}, seed {r['seed']}: {r['pairs'][i]['after'][:120]!r}" for r in runs)
+        for i, p in enumerate(runs[0]["pairs"])) if rows else ""
     return (f"`{this_command()}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
             f"Instructed ceilings (mean VADER on the held-out prompts): {ceiling_line}.\n\n"
-            + markdown_rows(rows) + f"\n\nFirst run's before/after pairs (strongest strength):\n\n{pairs}\n")
+            + markdown_rows(rows) + f"\n\nReplies before and after (first seed, strongest strength):\n\n{pairs}\n")
 
 
 if __name__ == "__main__":

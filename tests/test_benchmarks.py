@@ -47,3 +47,4 @@ def test_converge_ablation_rows_accumulate(tmp_path, monkeypatch):
     lines = [line for line in text.splitlines() if line.startswith("| gloomy")]
     assert len(lines) == 2 and "+0.22" in lines[0] and "-0.33" in lines[1]
     assert "+0.11" not in text and "Measured by:" in text
+    assert lines[0].endswith("| – | – | – | – |")  # rows stored before Self-BLEU and length were recorded
