@@ -42,13 +42,15 @@ class Discriminator(nn.Module):
         self.std.copy_(x.float().std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(self.std))
 
 
+KINDS = ("mlp", "linear")
+"""The discriminators `edit(discriminator=...)` can name."""
+
+
 def make(kind: str, in_features: int, hidden: int = 512, dropout: float = 0.0) -> Discriminator:
     """Build the discriminator named by `edit(discriminator=...)`: "mlp" or "linear"."""
-    if kind == "mlp":
-        return Discriminator(in_features, hidden, dropout)
-    if kind == "linear":
-        return Discriminator(in_features, None)
-    raise ValueError(f"discriminator= must be one of ('mlp', 'linear'); got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"discriminator= must be one of {KINDS}; got {kind!r}")
+    return Discriminator(in_features, hidden, dropout) if kind == "mlp" else Discriminator(in_features, None)
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import adapters, checkpoint, hook_names
+from . import adapters, checkpoint, discriminators, hook_names
 from .artifact import Edit
 from .backends import Backend, backend_for
 from .concept import Concept
@@ -22,11 +22,11 @@ from .rounds import BatchSize, RoundsConfig, Rows, check_preserve, preset, run_r
 
 STRENGTH = {"matched": 1.0, "paper": 1.0}
 """Generation strength each schedule's edits record by default, chosen in benchmarks/converge.py: with the
-standardised mean term, 1.0 is the one strength at which both tone directions reach their VADER targets
-on two seeds (0.8 left gloomy short on one); cheerful replies repeat more there (see RESULTS.md), which
-`Edit.scaled` trades back."""
+standardised mean term, 1.0 moves both tone directions furthest on two seeds (cheerful past its VADER
+target on both, gloomy on one and within 0.01 of it on the other; 0.8 left gloomy well short on seed 0);
+cheerful replies repeat more there (see RESULTS.md), which `Edit.scaled` trades back."""
 _TUNABLE = {f.name for f in dataclasses.fields(RoundsConfig)} - {"schedule", "stop_band", "seed"}
-_CHOICES = {"discriminator": ("mlp", "linear"), "mean_metric": ("standardized", "raw"),
+_CHOICES = {"discriminator": discriminators.KINDS, "mean_metric": ("standardized", "raw"),
             "source_replies": ("target", "own")}
 
 
