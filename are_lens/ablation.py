@@ -60,12 +60,12 @@ def measure_features(
 
 def measure(
     backend: Backend, interventions: Interventions, read: Sequence[str], rows: Rows, cfg: RoundsConfig,
-    seed: int, base_source: torch.Tensor | None = None,
+    seed: int, base: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Fresh-discriminator held-out accuracy under `interventions` (discriminator seeded by `seed`).
 
-    With `base_source` (the unedited training-source features) it adds the rounds' gap figures:
-    projection, cosine and mean_gap_left of the edited source mean against the base gap.
+    With `base` (the unedited training features, `measure_features` without interventions) it adds the
+    rounds' gap figures: projection, cosine, mean_gap_left and target_drift against the base gap.
     """
     feats = measure_features(backend, interventions, read, rows, cfg)
     with torch.random.fork_rng(devices=[]):
@@ -74,8 +74,9 @@ def measure(
         accuracy = fresh_accuracy(cfg, generator, (feats["train_source"], feats["train_target"]),
                                   (feats["test_source"], feats["test_target"]))[0]
     out: dict[str, Any] = {"fresh_d_accuracy": accuracy}
-    if base_source is not None:
-        out.update(gap_figures(base_source, feats["train_source"], feats["train_target"]))
+    if base is not None:
+        out.update(gap_figures(base["train_source"], base["train_target"], feats["train_source"],
+                               feats["train_target"]))
     return out
 
 
@@ -147,9 +148,9 @@ def ablate(
     rows: dict[str, dict[str, Any]] = {}
     with backend.frozen(), _flush_denormals(backend.device):
         split_rows = _with_replies(backend, concept, cfg, split_seed)
-        base_source = measure_features(backend, (), read_names, split_rows, cfg)["train_source"]
+        base = measure_features(backend, (), read_names, split_rows, cfg)
         for layer, suffix, variant in variants:
-            figures = measure(backend, variant.interventions, read_names, split_rows, cfg, seed, base_source)
+            figures = measure(backend, variant.interventions, read_names, split_rows, cfg, seed, base)
             if metric is not None:
                 figures["metric"] = float(metric(model, variant))
             row = rows.setdefault(layer, {"layer": layer})
@@ -203,7 +204,7 @@ def sweep(
         row: dict[str, Any] = {"layer": name, "fresh_d_accuracy": last["fresh_d_accuracy"]}
         if "fresh_d_accuracy_pooled" in last:
             row["fresh_d_accuracy_pooled"] = last["fresh_d_accuracy_pooled"]
-        row.update({k: last[k] for k in ("projection", "cosine", "mean_gap_left")})
+        row.update({k: last.get(k) for k in ("projection", "cosine", "mean_gap_left", "target_drift")})
         row.update(rounds=len(result.history) - 1, converged=bool(last["converged"]),
                    weight_norm=last.get("adapters", {}).get(name, {}).get("weight_norm"), seconds=seconds)
         if metric is not None:

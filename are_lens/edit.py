@@ -18,7 +18,7 @@ from .artifact import Edit
 from .backends import Backend, backend_for
 from .concept import Concept
 from .files import writable_folder
-from .rounds import BatchSize, RoundsConfig, Rows, check_preserve, preset, run_rounds, teacher_replies
+from .rounds import BatchSize, RoundsConfig, Rows, check_matched_only, preset, run_rounds, teacher_replies
 
 STRENGTH = {"matched": 1.0, "paper": 1.0}
 """Generation strength each schedule's edits record by default, chosen in benchmarks/converge.py: with the
@@ -27,7 +27,7 @@ target on both, gloomy on one and within 0.01 of it on the other; 0.8 left gloom
 cheerful replies repeat more there (see RESULTS.md), which `Edit.scaled` trades back."""
 _TUNABLE = {f.name for f in dataclasses.fields(RoundsConfig)} - {"schedule", "stop_band", "seed"}
 _CHOICES = {"discriminator": discriminators.KINDS, "mean_metric": ("standardized", "raw"),
-            "source_replies": ("target", "own")}
+            "source_replies": ("target", "own"), "anchor": ("edited", "start")}
 
 
 def _checked_options(cfg: RoundsConfig, options: dict[str, Any]) -> RoundsConfig:
@@ -47,13 +47,13 @@ def _checked_options(cfg: RoundsConfig, options: dict[str, Any]) -> RoundsConfig
                 raise TypeError(f"{name}= must be a number; got {value!r}")
             if value < 0:
                 raise ValueError(f"{name}= must be ≥ 0; got {value!r}")
-            if name == "preserve_weight" and not math.isfinite(value):
-                raise ValueError(f"preserve_weight= must be a finite number ≥ 0; got {value!r}")
+            if name.endswith("_weight") and not math.isfinite(value):  # a loss weight; lr=inf is a NumericsError
+                raise ValueError(f"{name}= must be a finite number ≥ 0; got {value!r}")
             value = float(value)
         elif name in _CHOICES and value not in _CHOICES[name]:
             raise ValueError(f"{name}= must be one of {_CHOICES[name]}; got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
-    check_preserve(cfg)
+    check_matched_only(cfg)
     return cfg
 
 
@@ -156,6 +156,9 @@ def edit(
     "lowrank+bias" or "bias" (a steering vector). `options` override the schedule's defaults
     (`rounds`, `lr`, `discriminator` ("mlp"/"linear"), `hidden`, `steps_per_round`, `reply_tokens`,
     `mean_metric` ("standardized"/"raw"), `source_replies` ("target"/"own"), …; see `RoundsConfig`);
+    `anchor` ("edited"/"start", matched only) says whether source rows are matched to the target rows as
+    the edit leaves them or as round 0 read them; `hold_weight` (matched only, default 0) weighs a term
+    keeping the target rows' mean read features where round 0 found them (the edit applies to every prompt);
     `preserve_weight` (matched only, default 0 = off) adds that weight times KL(base ‖ edited) of the
     next-token distributions on target training rows to every adapter step, and every history record
     holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the

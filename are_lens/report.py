@@ -22,7 +22,7 @@ from .ablation import load_ablation
 from .artifact import Edit
 
 ROUND_COLUMNS = ("round", "fresh_d_accuracy", "fresh_d_accuracy_pooled", "d_loss", "adapter_loss", "projection",
-                 "cosine", "mean_gap_left", "converged", "seconds")
+                 "cosine", "mean_gap_left", "target_drift", "converged", "seconds")
 ABLATION_FIGURES = ("fresh_d_accuracy", "projection", "cosine", "mean_gap_left", "metric")
 
 _STYLE = """
@@ -123,7 +123,8 @@ def render(result: Edit, ablation: Sequence[dict[str, Any]] | None = None, title
         parts.append('<p class="note">fresh_d_accuracy: held-out accuracy of a discriminator trained from scratch '
                      "on the edited read features (0.5 = indistinguishable). projection / cosine: the edited "
                      "source mean's shift along the base source→target gap (1 = all the way); mean_gap_left: "
-                     "the remaining distance between the means as a share of the initial one.</p>")
+                     "the distance still between the edited source and target means, target_drift: how far "
+                     "the edit moved the target mean, both as shares of the base gap.</p>")
     else:
         parts.append("<p>This edit holds no training history.</p>")
 

@@ -11,8 +11,13 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
   (edited source mean vs target mean, each feature divided by its round-0 spread and the whole by the
   initial gap: `mean_metric`), at the last prompt token and at `reply_tokens` teacher-forced positions
   of the model's own replies to the target prompts (`source_replies="own"`: source rows get the replies
-  to the source prompts instead). The paper's schedule does not converge on small models (fresh D stays
-  at 0.95–1.0 while adapters overshoot); the warm D and the mean term do. Standardising the mean term
+  to the source prompts instead). The target is the target rows as the edit leaves them (`anchor=
+  "edited"`); the edit applies to every prompt, so it carries them along, several times the original
+  gap on SmolLM2 while the gap between the two shrinks little (`gap_figures`' `target_drift`).
+  `anchor="start"` matches the round-0 target features instead and `hold_weight` > 0 adds a term
+  keeping the target rows where they were: measured, that edit converges further and disturbs the
+  target prompts less but moves behaviour less (benchmarks/RESULTS.md). The paper's schedule does not
+  converge on small models (fresh D stays at 0.95–1.0 while adapters overshoot). Standardising the mean term
   matters for behaviour: in raw coordinates the high-variance features weigh most (their spread is up to
   8× the median one at SmolLM2's blocks 10–14), and a gloomy edit matched there made replies *more*
   positive; standardised, each feature counts by its gap relative to its spread, as the discriminators
@@ -30,6 +35,7 @@ zero-initialised adapter gives 0, and the last record describes the returned edi
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +80,8 @@ class RoundsConfig:
     warm_weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     preserve_weight: float = 0.0  # matched only: weight of KL(base ‖ edited) on target rows; 0 = off
+    anchor: str = "edited"  # matched only: target features the source rows are matched to: "edited" or "start"
+    hold_weight: float = 0.0  # matched only: weight of the term keeping the target rows' mean where it was
     source_replies: str = "target"  # teacher-forced replies: "target" (both rows) or "own" (each set its own)
     mean_metric: str = "standardized"  # matched only: "standardized" (features over round 0's std) or "raw"
     seed: int = 0
@@ -87,13 +95,19 @@ POOL_STRIDE = 4
 """The pooled fresh discriminator reads window positions 0, 4, 8, … (5 of 17 by default)."""
 
 
-def check_preserve(cfg: RoundsConfig) -> None:
-    """`preserve_weight` > 0 only where a schedule uses it (the matched one)."""
-    if cfg.preserve_weight > 0 and cfg.schedule != "matched":
-        raise ValueError(
-            f"preserve_weight= is used only by schedule='matched' (a KL term in its adapter steps); got "
-            f"preserve_weight={cfg.preserve_weight!r} with schedule={cfg.schedule!r}"
-        )
+MATCHED_ONLY = {"preserve_weight": ("a KL term in its adapter steps", 0.0),
+                "hold_weight": ("a term in its adapter steps", 0.0),
+                "anchor": ("what its mean term matches", "edited")}
+"""Options only the matched schedule uses: why, and the value that leaves it off."""
+
+
+def check_matched_only(cfg: RoundsConfig) -> None:
+    """A `MATCHED_ONLY` option set away from its off value only where the matched schedule uses it."""
+    for name, (why, off) in MATCHED_ONLY.items():
+        value = getattr(cfg, name)
+        if value != off and cfg.schedule != "matched":
+            raise ValueError(f"{name}= is used only by schedule='matched' ({why}); got {name}={value!r} with "
+                             f"schedule={cfg.schedule!r}")
 
 
 def preset(schedule: str) -> RoundsConfig:
@@ -415,48 +429,71 @@ def paper_phase(backend: Backend, rows: Rows, read: Sequence[str], interventions
 
 def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventions: Interventions,
                   warm: Discriminator, warm_optimizer: torch.optim.Optimizer, optimizer: torch.optim.Optimizer,
-                  target_train: Tensor, gap_scale: Tensor, cfg: RoundsConfig,
+                  start: dict[str, Tensor], target_now: Tensor, gap_scale: Tensor, cfg: RoundsConfig,
                   generator: torch.Generator, sizer: BatchSize | None = None, round_: int = 0,
                   base: BaseLogProbs | None = None) -> dict[str, float | None]:
-    """`steps_per_round` adapter steps (warm-D cross-entropy + mean matching), each followed by one warm-D step.
+    """`steps_per_round` adapter steps (warm-D cross-entropy + mean matching, + hold), each followed by one
+    warm-D step.
+
+    `start` holds round 0's window features of the training rows ("train_source", "train_target");
+    `target_now` the target rows' as this round read them. `cfg.anchor` says what the source rows are
+    matched to: "edited" — the target rows as the edit leaves them (`target_now`: the warm discriminator
+    learns against them and the mean term is the batch mean's distance to their mean); "start" — the
+    target rows' round-0 features, and the mean term compares the batch's *shift* (its edited features
+    minus the same rows' round-0 features) with the round-0 gap, so the rows' own spread cancels from the
+    estimate. The edit applies to every prompt: matched to the edited target rows it can carry them
+    along (`gap_figures`' `target_drift`). With `cfg.hold_weight` > 0 each step also runs a target batch
+    and adds the same measure of *its* shift from round 0, which should stay 0.
 
     Batches are `cfg.batch_size` rows; `sizer` splits a step that does not fit (`adapter_gradients`: the
-    mean term's batch mean stays the whole batch's). With `cfg.preserve_weight` > 0 each step adds
-    `preservation_gradients` on the target training bucket `(round_ · steps_per_round + step) mod` their
-    number (a fixed cycle: the shared `generator` is not drawn from); `preserve_loss` is its mean KL over
-    the round's steps and `adapter_loss` includes `preserve_weight · preserve_loss`. With weight 0 no
-    extra forward runs and `preserve_loss` is None. `base` caches the base log-probabilities.
+    batch means stay the whole batch's). The target batch (hold and preservation) is the target training
+    bucket `(round_ · steps_per_round + step) mod` their number (a fixed cycle: the shared `generator` is
+    not drawn from). With `cfg.preserve_weight` > 0 each step adds `preservation_gradients` on it;
+    `preserve_loss` is its mean KL over the round's steps and `adapter_loss` includes
+    `preserve_weight · preserve_loss`. A weight of 0 runs no extra forward and reports None.
+    `base` caches the base log-probabilities.
     """
     sizer = sized(cfg.batch_size, backend.device) if sizer is None else sizer
-    preserving = cfg.preserve_weight > 0
+    preserving, holding, from_start = cfg.preserve_weight > 0, cfg.hold_weight > 0, cfg.anchor == "start"
     target_batches = buckets(rows.train_target, cfg.batch_size)
     if preserving and base is None:
         base = BaseLogProbs(backend, rows.window)
-    target_pool = _pooled(target_train)
-    target_mean = target_pool.mean(0)
+    target_pool = _pooled(start["train_target"] if from_start else target_now)
+    wanted = target_pool.mean(0) - _pooled(start["train_source"]).mean(0) if from_start else target_pool.mean(0)
     feature_scale = mean_scale(warm, cfg)
     batches = buckets(rows.train_source, cfg.batch_size)
-    keys = ("adapter_loss", "adversarial", "mean", "warm", "margin", "preserve")
+    keys = ("adapter_loss", "adversarial", "mean", "hold", "warm", "margin", "preserve")
     sums = {k: torch.zeros((), device=backend.device) for k in keys}
 
-    def loss_of(window: Tensor) -> tuple[Tensor, ...]:
-        feats = _pooled(window).float()
+    def shift_term(window: Tensor, anchor: Tensor | None, wanted: Tensor | float) -> Tensor:
+        """((mean of `window` − mean of `anchor`) − `wanted`)², standardised, over the initial gap."""
+        shift = _pooled(window).float().mean(0)
+        if anchor is not None:
+            shift = shift - _pooled(anchor).mean(0)
+        return ((shift - wanted) / feature_scale).pow(2).sum() / gap_scale
+
+    def loss_of(window: Tensor, anchor: Tensor, n_source: int) -> tuple[Tensor, ...]:
+        feats = _pooled(window[:n_source]).float()
         logits = warm(feats)
         adversarial = F.cross_entropy(logits, torch.full((len(feats),), TARGET, device=feats.device))
-        mean_term = ((feats.mean(0) - target_mean) / feature_scale).pow(2).sum() / gap_scale
-        loss = cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term
-        return loss, adversarial, mean_term, logits.detach(), feats.detach()
+        mean_term = shift_term(window[:n_source], anchor[:n_source] if from_start else None, wanted)
+        hold = shift_term(window[n_source:], anchor[n_source:], 0.0) if holding else torch.zeros_like(mean_term)
+        loss = cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term + cfg.hold_weight * hold
+        return loss, adversarial, mean_term, hold, logits.detach(), feats.detach()
 
     for step in range(cfg.steps_per_round):
         if step % len(batches) == 0:
             order = torch.randperm(len(batches), generator=generator).tolist()
         idx = batches[order[step % len(batches)]]
+        pick = target_batches[(round_ * cfg.steps_per_round + step) % len(target_batches)]
+        held = pick if holding else []
         warm.eval()
-        loss, adversarial, mean_term, logits, feats = adapter_gradients(
-            backend, [rows.train_source[i] for i in idx], read, interventions, rows.window, optimizer, sizer,
-            loss_of)
+        loss, adversarial, mean_term, hold, logits, feats = adapter_gradients(
+            backend, [rows.train_source[i] for i in idx] + [rows.train_target[i] for i in held], read,
+            interventions, rows.window, optimizer, sizer,
+            functools.partial(loss_of, anchor=torch.cat([start["train_source"][idx], start["train_target"][held]]),
+                              n_source=len(idx)))
         if preserving:
-            pick = target_batches[(round_ * cfg.steps_per_round + step) % len(target_batches)]
             preserve = preservation_gradients(backend, [rows.train_target[i] for i in pick], interventions,
                                               rows.window, cfg.preserve_weight, base, sizer)
             sums["preserve"] = sums["preserve"] + preserve
@@ -464,9 +501,9 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         optimizer.step()
 
         warm.train()
-        pick = discriminators.to_device(torch.randint(len(target_pool), (len(feats),), generator=generator),
+        draw = discriminators.to_device(torch.randint(len(target_pool), (len(feats),), generator=generator),
                                         feats.device)
-        x = torch.cat([feats, target_pool[pick]])
+        x = torch.cat([feats, target_pool[draw]])
         y = torch.cat([torch.full((len(feats),), SOURCE, device=feats.device),
                        torch.full((len(feats),), TARGET, device=feats.device)])
         warm_loss = F.cross_entropy(warm(x), y, label_smoothing=cfg.label_smoothing)
@@ -476,27 +513,31 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
 
         margin = (logits[:, TARGET] - logits[:, SOURCE]).mean()
         for key, value in (("adapter_loss", loss), ("adversarial", adversarial), ("mean", mean_term),
-                           ("warm", warm_loss), ("margin", margin)):
+                           ("hold", hold), ("warm", warm_loss), ("margin", margin)):
             sums[key] = sums[key] + value.detach()
     out = {k: float(v / cfg.steps_per_round) for k, v in sums.items()}
     return {"adapter_loss": out["adapter_loss"], "adversarial_loss": out["adversarial"],
-            "mean_loss": out["mean"], "warm_d_loss": out["warm"], "warm_d_margin": out["margin"],
+            "mean_loss": out["mean"], "hold_loss": out["hold"] if holding else None,
+            "warm_d_loss": out["warm"], "warm_d_margin": out["margin"],
             "preserve_loss": out["preserve"] if preserving else None}
 
 
-def gap_figures(base_source: Tensor, source: Tensor, target: Tensor) -> dict[str, float]:
-    """How far the edited source mean moved along the base gap mean(target) − mean(source).
+def gap_figures(base_source: Tensor, base_target: Tensor, source: Tensor, target: Tensor) -> dict[str, float]:
+    """Where the edited means lie, in units of the base gap mean(base target) − mean(base source).
 
-    projection 1 and cosine 1 mean the shift is exactly the gap; mean_gap_left is the remaining
-    distance between the means as a share of the initial one.
+    projection and cosine: the edited source mean's shift along that gap (1 and 1: exactly onto the base
+    target mean). mean_gap_left: the distance still between the edited source and edited target means,
+    the separation a fresh discriminator sees (1 before any edit). target_drift: how far the edit moved
+    the target mean itself — an edit that shifts every prompt alike moves both and leaves the gap.
     """
-    gap = target.mean(0) - base_source.mean(0)
+    gap = base_target.mean(0) - base_source.mean(0)
     shift = source.mean(0) - base_source.mean(0)
     gap_norm = gap.norm().clamp_min(1e-12)
     return {
         "projection": float(shift @ gap / gap_norm**2),
         "cosine": float(F.cosine_similarity(shift, gap, dim=0)) if shift.norm() > 0 else 0.0,
         "mean_gap_left": float((target.mean(0) - source.mean(0)).norm() / gap_norm),
+        "target_drift": float((target.mean(0) - base_target.mean(0)).norm() / gap_norm),
     }
 
 
@@ -581,7 +622,7 @@ def run_rounds(
     each record's `batch_size_used` is the size its round ended with; `kl_to_base` is the held-out target
     rows' mean KL(base ‖ edited) under the edit as the round starts (`kl_to_base`).
     """
-    check_preserve(cfg)
+    check_matched_only(cfg)
     state = initial_state(interventions, cfg) if state is None else state
     base = BaseLogProbs(backend, rows.window)  # the base model's log-probs, cached across rounds
     sizer = sized(cfg.batch_size, backend.device) if sizer is None else sizer
@@ -606,7 +647,8 @@ def run_rounds(
             record: dict[str, Any] = {"round": r, "fresh_d_accuracy": accuracy,
                                       "d_loss": _finite(d_loss, r, "discriminator"),
                                       "adapter_loss": None, "converged": low <= accuracy <= high}
-            record.update(gap_figures(_last(state.base["train_source"]), last["train_source"], last["train_target"]))
+            record.update(gap_figures(_last(state.base["train_source"]), _last(state.base["train_target"]),
+                                      last["train_source"], last["train_target"]))
             if rows.window > 1:  # every POOL_STRIDE-th window position keeps this measurement cheap
                 pooled = {k: _pooled(v[:, ::POOL_STRIDE]) for k, v in sets.items()}
                 record["fresh_d_accuracy_pooled"] = fresh_accuracy(
@@ -632,7 +674,8 @@ def run_rounds(
                     if state.warm is None:
                         _start_warm(state, cfg, state.disc.in_features)
                     record.update(matched_phase(backend, rows, read, interventions, state.warm, state.warm_optimizer,
-                                                state.optimizer, sets["train_target"], state.gap_scale, cfg,
+                                                state.optimizer, state.base, sets["train_target"],
+                                                state.gap_scale, cfg,
                                                 state.generator, sizer, r, base))
                 _finite(record["adapter_loss"], r, "adapter")
                 if "warm_d_loss" in record:

@@ -32,6 +32,7 @@ import torch
 import are_lens
 from are_lens import Concept, edit, evaluate
 from are_lens.backends import backend_for
+from are_lens.rounds import gap_figures
 
 TONES = {
     "cheerful": " Answer in a very cheerful, happy, enthusiastic tone.",
@@ -56,6 +57,14 @@ def load_cached(folder: Path) -> are_lens.Edit | None:
         return are_lens.Edit.load(folder)
     except (FileNotFoundError, ValueError):
         return None
+
+
+def gaps(result: are_lens.Edit) -> dict[str, float]:
+    """Gap figures of the last round against round 0 (`rounds.gap_figures`), from the edit's saved
+    last-token snapshots of the training split: the same for edits trained before the figures' definition
+    changed (the gap then counted from the *edited* target mean, which the edit itself moved)."""
+    first, last = (result.snapshots[r] for r in (min(result.snapshots), max(result.snapshots)))
+    return gap_figures(first["source"], first["target"], last["source"], last["target"])
 
 
 def score(replies: list[str]) -> dict[str, float]:
@@ -139,8 +148,7 @@ def main() -> None:
                 row = {"tone": tone, "schedule": schedule + label,
                        "seed": seed, "steps": steps, "seconds": seconds,
                        "fresh_d": last["fresh_d_accuracy"], "fresh_d_pooled": last.get("fresh_d_accuracy_pooled"),
-                       "oracle_d": first["oracle_d_accuracy"], "mean_gap_left": last["mean_gap_left"],
-                       "projection": last["projection"], "cosine": last["cosine"],
+                       "oracle_d": first["oracle_d_accuracy"], **gaps(result),
                        "base": score(base), "instructed": ceilings[tone],
                        "after": {str(s): score(r) for s, r in after.items()},
                        "pairs": [{"prompt": p, "before": b, "after": a}
@@ -178,8 +186,8 @@ def markdown_rows(rows: list[dict]) -> str:
     length at the strongest ("–" for rows measured before those were recorded)."""
     strengths = list(rows[0]["after"]) if rows else []
     top = strengths[-1] if strengths else ""
-    head = ("| tone | schedule | seed | steps | s | fresh-D last | pooled | oracle | gap left | proj | cos | "
-            "VADER base | " + " | ".join(f"VADER ×{s}" for s in strengths) + " | VADER instr. | Rep-4 base | "
+    head = ("| tone | schedule | seed | steps | s | fresh-D last | pooled | oracle | gap left | target drift | proj | "
+            "cos | VADER base | " + " | ".join(f"VADER ×{s}" for s in strengths) + " | VADER instr. | Rep-4 base | "
             + " | ".join(f"Rep-4 ×{s}" for s in strengths)
             + f" | Self-BLEU base | Self-BLEU ×{top} | words base | words ×{top} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -192,7 +200,8 @@ def markdown_rows(rows: list[dict]) -> str:
         base, strongest = r["base"], r["after"][top]
         lines.append(
             f"| {r['tone']} | {r['schedule']} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | {r['fresh_d']:.2f} | "
-            f"{pooled} | {r['oracle_d']:.2f} | {r['mean_gap_left']:.2f} | {r['projection']:.2f} | {r['cosine']:.2f} | "
+            f"{pooled} | {r['oracle_d']:.2f} | {r['mean_gap_left']:.2f} | {shown(r, 'target_drift', '.2f')} | "
+            f"{r['projection']:.2f} | {r['cosine']:.2f} | "
             f"{base['vader']:+.2f} | " + " | ".join(f"{r['after'][s]['vader']:+.2f}" for s in strengths)
             + f" | {r['instructed']['vader']:+.2f} | {base['rep4']:.2f} | "
             + " | ".join(f"{r['after'][s]['rep4']:.2f}" for s in strengths)

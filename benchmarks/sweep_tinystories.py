@@ -41,8 +41,9 @@ SECTION = "Layer sweep (tinystories-656k)"
 
 
 def stories(moods: list[str], n: int = 48) -> list[str]:
-    return [f"Once upon a time, {NAMES[i % 8]} was very {moods[i % 4]}. {NAMES[i % 8]} saw a {THINGS[i % 6]} and"
-            for i in range(n)]
+    """`n` ≤ 48 distinct openings: every (name, thing) pair once, so no prompt sits in both splits."""
+    return [f"Once upon a time, {NAMES[i % 8]} was very {moods[i % 4]}. {NAMES[i % 8]} saw a {THINGS[i // 8 % 6]} "
+            "and" for i in range(n)]
 
 
 def mood_concept(n: int = 48) -> Concept:
@@ -86,8 +87,9 @@ def next_token_kl(concept: Concept, seed: int = 0):
 
 def markdown(rows: list[dict]) -> str:
     cols = ["layer", "fresh_d_accuracy", "fresh_d_accuracy_pooled", "projection", "cosine", "mean_gap_left",
-            "rounds", "converged", "weight_norm", "metric", "seconds"]
-    head = ["layer", "fresh-D acc", "pooled acc", "projection", "cosine", "gap left", "rounds", "converged",
+            "target_drift", "rounds", "converged", "weight_norm", "metric", "seconds"]
+    head = ["layer", "fresh-D acc", "pooled acc", "projection", "cosine", "gap left", "target drift", "rounds",
+            "converged",
             "‖W‖", "next-token KL to target", "seconds"]
 
     def fmt(v):
@@ -158,8 +160,10 @@ def main() -> int:
             f"read `{READ[0]}`, default matched schedule, {budget}; concept: 48 TinyStories openings with a "
             f"sad vs happy mood word earlier in the prompt (same last tokens), 20% held out; CPU, "
             f"{args.threads} thread(s). fresh-D acc: last round's held-out accuracy of a fresh MLP "
-            f"discriminator (0.5 = indistinguishable); projection/cosine/gap left: the edited source mean "
-            f"against the base source→target gap; next-token KL: mean KL(base target twin ‖ edited source) "
+            f"discriminator (0.5 = indistinguishable); projection/cosine: the edited source mean's shift along "
+            f"the base source→target gap; gap left: the distance between the edited source and target means, "
+            f"target drift: how far the edit moved the target mean, both in units of the base gap; "
+            f"next-token KL: mean KL(base target twin ‖ edited source) "
             f"over held-out pairs, in nats (base model: {base_kl:.3f}).\n\n{table}")
     if args.report is not None:
         make_report(model, concept, args.report)

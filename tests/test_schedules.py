@@ -13,8 +13,9 @@ from are_lens.rounds import (
     BaseLogProbs,
     BatchSize,
     Rows,
-    check_preserve,
+    check_matched_only,
     extract,
+    gap_figures,
     joined,
     kl_to_base,
     matched_phase,
@@ -36,9 +37,14 @@ def setup(random_bridge):
     return backend, Rows(rows, rows, rows, rows), [("blocks.1.hook_resid_post", adapter)]
 
 
-def phase(setup, lr=0.0, **changes):
+def phase(setup, lr=0.0, start_interventions=None, **changes):
+    """One matched phase; `start` (the round-0 anchors) read under `start_interventions` (default: the edit's)."""
     backend, rows, interventions = setup
-    cfg = dataclasses.replace(preset("matched"), steps_per_round=3, batch_size=len(rows.train_source), **changes)
+    changes = {"batch_size": len(rows.train_source), **changes}
+    cfg = dataclasses.replace(preset("matched"), steps_per_round=3, **changes)
+    anchors = interventions if start_interventions is None else start_interventions
+    start = {part: joined(extract(backend, getattr(rows, part), READ, anchors, 1, 16), READ)
+             for part in ("train_source", "train_target")}
     target = joined(extract(backend, rows.train_target, READ, interventions, 1, 16), READ)
     warm = discriminators.make("mlp", target.shape[-1], 32, cfg.warm_dropout)
     warm.standardize_on(target[:, 0])
@@ -46,8 +52,8 @@ def phase(setup, lr=0.0, **changes):
     optimizer = torch.optim.Adam([p for _, a in interventions for p in a.parameters()], lr=lr)
     warm_optimizer = torch.optim.AdamW(warm.parameters(), lr=1e-3)
     with backend.frozen():
-        figures = matched_phase(backend, rows, READ, interventions, warm, warm_optimizer, optimizer, target,
-                                torch.tensor(1.0), cfg, torch.Generator().manual_seed(0))
+        figures = matched_phase(backend, rows, READ, interventions, warm, warm_optimizer, optimizer, start,
+                                target, torch.tensor(1.0), cfg, torch.Generator().manual_seed(0))
     return figures, warm, before
 
 
@@ -67,6 +73,43 @@ def test_mean_term_is_the_squared_gap_in_the_chosen_metric(setup, metric):
     scale = warm.std if metric == "standardized" else 1.0  # the warm D's fixed standardisation
     expected = ((source.mean(0) - target.mean(0)) / scale).pow(2).sum()
     assert figures["mean_loss"] == pytest.approx(float(expected), rel=1e-4) and figures["mean_loss"] > 0
+
+
+def test_mean_term_does_not_depend_on_how_the_rows_are_batched(setup):
+    """Each batch's shift is measured against the same rows' round-0 features, so the rows' own spread
+    cancels: with the adapters still (lr 0) every batch of 3 gives the whole set's gap."""
+    backend, rows, interventions = setup
+    other = backend.tokenize(sentences("happy", 8))
+    changed = (backend, Rows(other, rows.train_target, other, rows.test_target), interventions)
+    whole, _, _ = phase(changed, anchor="start")
+    small, _, _ = phase(changed, anchor="start", batch_size=3)
+    assert small["mean_loss"] == pytest.approx(whole["mean_loss"], rel=1e-4) and whole["mean_loss"] > 0
+
+
+def test_hold_term_is_the_target_rows_shift_and_zero_for_a_zero_adapter(setup):
+    backend, rows, interventions = setup
+    adapter = interventions[0][1]
+    zero, _, _ = phase(setup, start_interventions=(), hold_weight=1.0)  # B is zero: the edit moves nothing yet
+    assert zero["hold_loss"] == pytest.approx(0.0, abs=1e-10)
+    torch.nn.init.normal_(adapter.B, std=0.1)
+    moved, warm, _ = phase(setup, start_interventions=(), hold_weight=1.0)
+    edited, start = (joined(extract(backend, rows.train_target, READ, i, 1, 16), READ)[:, 0]
+                     for i in (interventions, ()))
+    expected = ((edited.mean(0) - start.mean(0)) / warm.std).pow(2).sum()
+    assert moved["hold_loss"] == pytest.approx(float(expected), rel=1e-4) and moved["hold_loss"] > 0
+    off, _, _ = phase(setup, start_interventions=())  # the default: no hold term, no target forward
+    assert off["hold_loss"] is None
+    assert off["adapter_loss"] == pytest.approx(off["adversarial_loss"] + off["mean_loss"], rel=1e-5)
+
+
+def test_gap_figures_see_an_edit_that_moves_every_prompt_alike():
+    base_source, base_target = torch.zeros(4, 3), torch.ones(4, 3)
+    gap = torch.ones(3)
+    alike = gap_figures(base_source, base_target, base_source + gap, base_target + gap)  # both moved by the gap
+    assert alike["projection"] == pytest.approx(1.0) and alike["cosine"] == pytest.approx(1.0)
+    assert alike["mean_gap_left"] == pytest.approx(1.0) and alike["target_drift"] == pytest.approx(1.0)
+    matched = gap_figures(base_source, base_target, base_source + gap, base_target)
+    assert matched["mean_gap_left"] == pytest.approx(0.0) and matched["target_drift"] == pytest.approx(0.0)
 
 
 def test_own_replies_give_each_set_its_own_teacher_forced_reply(random_bridge):
@@ -107,15 +150,27 @@ def test_matched_history_records_why_it_converged_or_not(random_bridge):
     first, last = result.history[0], result.history[-1]
     for key in ("warm_d_loss", "warm_d_margin", "mean_loss", "adversarial_loss"):
         assert key in first
-    for key in ("mean_gap_left", "projection", "cosine", "fresh_d_accuracy_pooled", "probe_accuracy", "adapters"):
+    for key in ("mean_gap_left", "target_drift", "projection", "cosine", "fresh_d_accuracy_pooled", "probe_accuracy",
+                "adapters"):
         assert key in last
     assert "oracle_d_accuracy" in first and first["projection"] == 0.0 and first["mean_gap_left"] == 1.0
+    assert first["target_drift"] == 0.0 and first["hold_loss"] is None  # hold_weight is 0 by default
     assert set(last["adapters"]) == {"blocks.1.hook_resid_post"}
     assert result.config["strength"] == STRENGTH["matched"]
     assert all(a.scale == STRENGTH["matched"] for _, a in result.interventions)
     chosen = edit(random_bridge, concept, at=[1], read=[2], rounds=1, steps_per_round=2, reply_tokens=2,
                   d_epochs=2, strength=0.4, progress=False)
     assert chosen.config["strength"] == 0.4 and all(a.scale == 0.4 for _, a in chosen.interventions)
+
+
+def test_anchored_edit_with_a_hold_term_records_it_and_moves_the_targets_less(random_bridge):
+    concept = Concept(sentences("sad", 16), sentences("happy", 16))
+    kw = dict(at=[1], read=[2], rounds=2, steps_per_round=4, reply_tokens=2, d_epochs=3, lr=1e-2, progress=False,
+              stop_band=(0.001, 0.002))
+    free = edit(random_bridge, concept, **kw)
+    held = edit(random_bridge, concept, anchor="start", hold_weight=5.0, **kw)
+    assert held.config["anchor"] == "start" and held.history[0]["hold_loss"] > 0
+    assert held.history[-1]["target_drift"] < free.history[-1]["target_drift"]
 
 
 def test_preservation_term_is_zero_for_a_zero_adapter_and_positive_once_it_moves(setup):
@@ -187,11 +242,13 @@ def test_bad_preserve_weights_name_themselves(random_bridge, value, error, words
              preserve_weight=value, progress=False)
 
 
-def test_preserve_weight_is_refused_by_the_paper_schedule(random_bridge):
-    with pytest.raises(ValueError, match="preserve_weight= is used only by schedule='matched'.* got "
-                                         "preserve_weight=0.5 with schedule='paper'"):
+@pytest.mark.parametrize("name, value", [("preserve_weight", 0.5), ("hold_weight", 1.0), ("anchor", "start")])
+def test_matched_only_options_are_refused_by_the_paper_schedule(random_bridge, name, value):
+    with pytest.raises(ValueError, match=f"{name}= is used only by schedule='matched'.* got "
+                                         f"{name}={value!r} with schedule='paper'"):
         edit(random_bridge, Concept(sentences("sad", 4), sentences("happy", 4)), at=[1], read=[2],
-             schedule="paper", preserve_weight=0.5, progress=False)
-    paper = dataclasses.replace(preset("paper"), preserve_weight=0.5)
-    with pytest.raises(ValueError, match="preserve_weight="):
-        check_preserve(paper)
+             schedule="paper", progress=False, **{name: value})
+    paper = dataclasses.replace(preset("paper"), **{name: value})
+    with pytest.raises(ValueError, match=f"{name}="):
+        check_matched_only(paper)
+    check_matched_only(dataclasses.replace(preset("matched"), **{name: value}))

@@ -48,14 +48,16 @@ print(concept.source[0], "→", concept.target[0])
 # `at=` says where the adapters go and `read=` which streams the discriminator reads; integers mean
 # `blocks.{i}.hook_resid_post`, and any TransformerLens hook name works. The default schedule keeps a
 # warm discriminator and matches the edited source mean to the target mean at the last prompt token and
-# at a few positions of the model's own replies; `schedule="paper"` runs the published one.
+# at a few positions of the model's own replies; `schedule="paper"` runs the published one. The edit acts
+# on every prompt, target ones included: `target_drift` shows how far it carried them.
 
 # %%
 result = edit(model, concept, at=range(6, 10), read=range(10, 14),
               rounds=1 if QUICK else 4, steps_per_round=5 if QUICK else 30, reply_tokens=4 if QUICK else 16)
 for record in result.history:
     print(f"round {record['round']}: fresh-D held-out accuracy {record['fresh_d_accuracy']:.2f}, "
-          f"moved {record['projection']:.2f} of the way, cosine to the gap {record['cosine']:.2f}")
+          f"source moved {record['projection']:.2f} of the way, cosine to the gap {record['cosine']:.2f}, "
+          f"target moved {record['target_drift']:.2f} (both in units of the original gap)")
 
 # %% [markdown]
 # ## 3. What it does to replies
