@@ -23,7 +23,7 @@ from .artifact import Edit
 
 ROUND_COLUMNS = ("round", "fresh_d_accuracy", "fresh_d_accuracy_pooled", "d_loss", "adapter_loss", "projection",
                  "cosine", "mean_gap_left", "target_drift", "converged", "seconds")
-ABLATION_FIGURES = ("fresh_d_accuracy", "projection", "cosine", "mean_gap_left", "metric")
+ABLATION_FIGURES = ("fresh_d_accuracy", "projection", "cosine", "mean_gap_left", "target_drift", "metric")
 
 _STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1100px;

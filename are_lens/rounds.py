@@ -472,12 +472,15 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
             shift = shift - _pooled(anchor).mean(0)
         return ((shift - wanted) / feature_scale).pow(2).sum() / gap_scale
 
-    def loss_of(window: Tensor, anchor: Tensor, n_source: int) -> tuple[Tensor, ...]:
+    def loss_of(window: Tensor, source_anchor: Tensor | None, target_anchor: Tensor | None) -> tuple[Tensor, ...]:
+        """The window holds the source batch, then (when holding) the target batch of `target_anchor`'s rows."""
+        n_source = len(window) - (0 if target_anchor is None else len(target_anchor))
         feats = _pooled(window[:n_source]).float()
         logits = warm(feats)
         adversarial = F.cross_entropy(logits, torch.full((len(feats),), TARGET, device=feats.device))
-        mean_term = shift_term(window[:n_source], anchor[:n_source] if from_start else None, wanted)
-        hold = shift_term(window[n_source:], anchor[n_source:], 0.0) if holding else torch.zeros_like(mean_term)
+        mean_term = shift_term(window[:n_source], source_anchor, wanted)
+        hold = (torch.zeros_like(mean_term) if target_anchor is None
+                else shift_term(window[n_source:], target_anchor, 0.0))
         loss = cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term + cfg.hold_weight * hold
         return loss, adversarial, mean_term, hold, logits.detach(), feats.detach()
 
@@ -491,8 +494,8 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         loss, adversarial, mean_term, hold, logits, feats = adapter_gradients(
             backend, [rows.train_source[i] for i in idx] + [rows.train_target[i] for i in held], read,
             interventions, rows.window, optimizer, sizer,
-            functools.partial(loss_of, anchor=torch.cat([start["train_source"][idx], start["train_target"][held]]),
-                              n_source=len(idx)))
+            functools.partial(loss_of, source_anchor=start["train_source"][idx] if from_start else None,
+                              target_anchor=start["train_target"][held] if holding else None))
         if preserving:
             preserve = preservation_gradients(backend, [rows.train_target[i] for i in pick], interventions,
                                               rows.window, cfg.preserve_weight, base, sizer)

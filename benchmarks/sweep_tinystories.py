@@ -89,8 +89,7 @@ def markdown(rows: list[dict]) -> str:
     cols = ["layer", "fresh_d_accuracy", "fresh_d_accuracy_pooled", "projection", "cosine", "mean_gap_left",
             "target_drift", "rounds", "converged", "weight_norm", "metric", "seconds"]
     head = ["layer", "fresh-D acc", "pooled acc", "projection", "cosine", "gap left", "target drift", "rounds",
-            "converged",
-            "‖W‖", "next-token KL to target", "seconds"]
+            "converged", "‖W‖", "next-token KL to target", "seconds"]
 
     def fmt(v):
         if isinstance(v, bool):
