@@ -31,7 +31,7 @@ from .backends import Backend, backend_for
 from .concept import Concept
 from .edit import _flush_denormals, _with_replies
 from .edit import edit as train_edit
-from .rounds import Interventions, RoundsConfig, Rows, extract, fresh_accuracy, gap_figures, joined
+from .rounds import Interventions, RoundsConfig, Rows, compared, extract, fresh_accuracy, gap_figures, joined
 
 ABLATION_FILE = "ablation.json"
 Metric = Callable[[object, Edit], float]
@@ -64,19 +64,21 @@ def measure(
 ) -> dict[str, Any]:
     """Fresh-discriminator held-out accuracy under `interventions` (discriminator seeded by `seed`).
 
-    With `base` (the unedited training features, `measure_features` without interventions) it adds the
-    rounds' gap figures: projection, cosine, mean_gap_left and target_drift against the base gap.
+    With `base` (the unedited features, `measure_features` without interventions) the discriminator
+    compares what the edit was matched to (`rounds.compared`: the base target rows for `anchor="start"`)
+    and the rounds' gap figures are added: projection, cosine, mean_gap_left and target_drift.
     """
     feats = measure_features(backend, interventions, read, rows, cfg)
+    seen = feats if base is None else compared(cfg, feats, base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same discriminator initialisation for every variant
         generator = torch.Generator().manual_seed(seed)
-        accuracy = fresh_accuracy(cfg, generator, (feats["train_source"], feats["train_target"]),
-                                  (feats["test_source"], feats["test_target"]))[0]
+        accuracy = fresh_accuracy(cfg, generator, (seen["train_source"], seen["train_target"]),
+                                  (seen["test_source"], seen["test_target"]))[0]
     out: dict[str, Any] = {"fresh_d_accuracy": accuracy}
     if base is not None:
         out.update(gap_figures(base["train_source"], base["train_target"], feats["train_source"],
-                               feats["train_target"]))
+                               feats["train_target"], seen["train_target"]))
     return out
 
 

@@ -27,7 +27,7 @@ target on both, gloomy on one and within 0.01 of it on the other; 0.8 left gloom
 cheerful replies repeat more there (see RESULTS.md), which `Edit.scaled` trades back."""
 _TUNABLE = {f.name for f in dataclasses.fields(RoundsConfig)} - {"schedule", "stop_band", "seed"}
 _CHOICES = {"discriminator": discriminators.KINDS, "mean_metric": ("standardized", "raw"),
-            "source_replies": ("target", "own"), "anchor": ("edited", "start")}
+            "mean_positions": ("pooled", "each"), "source_replies": ("target", "own"), "anchor": ("edited", "start")}
 
 
 def _checked_options(cfg: RoundsConfig, options: dict[str, Any]) -> RoundsConfig:
@@ -157,7 +157,9 @@ def edit(
     (`rounds`, `lr`, `discriminator` ("mlp"/"linear"), `hidden`, `steps_per_round`, `reply_tokens`,
     `mean_metric` ("standardized"/"raw"), `source_replies` ("target"/"own"), …; see `RoundsConfig`);
     `anchor` ("edited"/"start", matched only) says whether source rows are matched to the target rows as
-    the edit leaves them or as round 0 read them; `hold_weight` (matched only, default 0) weighs a term
+    the edit leaves them or as round 0 read them (the fresh discriminators compare the same);
+    `mean_positions` ("pooled"/"each", matched only) matches one mean over the window's positions or
+    every position's own; `hold_weight` (matched only, default 0) weighs a term
     keeping the target rows' mean read features where round 0 found them (the edit applies to every prompt);
     `preserve_weight` (matched only, default 0 = off) adds that weight times KL(base ‖ edited) of the
     next-token distributions on target training rows to every adapter step, and every history record

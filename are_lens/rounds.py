@@ -14,15 +14,18 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
   to the source prompts instead). The target is the target rows as the edit leaves them (`anchor=
   "edited"`); the edit applies to every prompt, so it carries them along, several times the original
   gap on SmolLM2 while the gap between the two shrinks little (`gap_figures`' `target_drift`).
-  `anchor="start"` matches the round-0 target features instead and `hold_weight` > 0 adds a term
-  keeping the target rows where they were: measured, that edit converges further and disturbs the
-  target prompts less but moves behaviour less (benchmarks/RESULTS.md). The paper's schedule does not
-  converge on small models (fresh D stays at 0.95–1.0 while adapters overshoot). Standardising the mean term
-  matters for behaviour: in raw coordinates the high-variance features weigh most (their spread is up to
-  8× the median one at SmolLM2's blocks 10–14), and a gloomy edit matched there made replies *more*
-  positive; standardised, each feature counts by its gap relative to its spread, as the discriminators
-  see it, and the same edit moves replies to the gloomy side (benchmarks/RESULTS.md). Fresh
-  discriminators are still used to measure every round.
+  `anchor="start"` matches the round-0 target features instead (and the fresh discriminators then compare
+  the edited source rows with those: `compared`) and `hold_weight` > 0 adds a term keeping the target rows
+  where they were: measured, that edit converges further and disturbs the target prompts less but moves
+  behaviour less (benchmarks/RESULTS.md). `mean_positions="each"` matches every window position's mean
+  rather than one mean over them all, which the pooled term lets cancel across positions: anchored, it
+  brought the last-token source mean to 0.18–0.24 of the gap from the target mean, from 0.52–0.85, but moved
+  behaviour no more. The paper's schedule does not converge on small models (fresh D stays at 0.95–1.0 while
+  adapters overshoot). Standardising the mean term matters for behaviour: in raw coordinates the
+  high-variance features weigh most (their spread is up to 8× the median one at SmolLM2's blocks 10–14), and
+  a gloomy edit matched there made replies *more* positive; standardised, each feature counts by its gap
+  relative to its spread, as the discriminators see it, and the same edit moves replies to the gloomy side
+  (benchmarks/RESULTS.md). Fresh discriminators are still used to measure every round.
   With `preserve_weight` > 0 each matched step also adds `preserve_weight · KL(base ‖ edited)` of the
   next-token distributions on a batch of *target* training rows, over the window's real positions
   (`preservation_gradients`): the edit is asked to leave what the target prompts already do alone.
@@ -84,6 +87,7 @@ class RoundsConfig:
     hold_weight: float = 0.0  # matched only: weight of the term keeping the target rows' mean where it was
     source_replies: str = "target"  # teacher-forced replies: "target" (both rows) or "own" (each set its own)
     mean_metric: str = "standardized"  # matched only: "standardized" (features over round 0's std) or "raw"
+    mean_positions: str = "pooled"  # matched only: one mean over the window's positions, or "each" its own
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -458,8 +462,10 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
     target_batches = buckets(rows.train_target, cfg.batch_size)
     if preserving and base is None:
         base = BaseLogProbs(backend, rows.window)
-    target_pool = _pooled(start["train_target"] if from_start else target_now)
-    wanted = target_pool.mean(0) - _pooled(start["train_source"]).mean(0) if from_start else target_pool.mean(0)
+    target_rows = start["train_target"] if from_start else target_now
+    target_pool = _pooled(target_rows)
+    means = _pooled if cfg.mean_positions == "pooled" else (lambda x: x)  # rows, then mean over them
+    wanted = means(target_rows).mean(0) - (means(start["train_source"]).mean(0) if from_start else 0.0)
     feature_scale = mean_scale(warm, cfg)
     batches = buckets(rows.train_source, cfg.batch_size)
     keys = ("adapter_loss", "adversarial", "mean", "hold", "warm", "margin", "preserve")
@@ -467,10 +473,10 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
 
     def shift_term(window: Tensor, anchor: Tensor | None, wanted: Tensor | float) -> Tensor:
         """((mean of `window` − mean of `anchor`) − `wanted`)², standardised, over the initial gap."""
-        shift = _pooled(window).float().mean(0)
+        shift = means(window).float().mean(0)
         if anchor is not None:
-            shift = shift - _pooled(anchor).mean(0)
-        return ((shift - wanted) / feature_scale).pow(2).sum() / gap_scale
+            shift = shift - means(anchor).mean(0)
+        return ((shift - wanted) / feature_scale).pow(2).sum(-1).mean() / gap_scale
 
     def loss_of(window: Tensor, source_anchor: Tensor | None, target_anchor: Tensor | None) -> tuple[Tensor, ...]:
         """The window holds the source batch, then (when holding) the target batch of `target_anchor`'s rows."""
@@ -525,23 +531,37 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
             "preserve_loss": out["preserve"] if preserving else None}
 
 
-def gap_figures(base_source: Tensor, base_target: Tensor, source: Tensor, target: Tensor) -> dict[str, float]:
+def gap_figures(
+    base_source: Tensor, base_target: Tensor, source: Tensor, target: Tensor, reference: Tensor | None = None
+) -> dict[str, float]:
     """Where the edited means lie, in units of the base gap mean(base target) − mean(base source).
 
     projection and cosine: the edited source mean's shift along that gap (1 and 1: exactly onto the base
-    target mean). mean_gap_left: the distance still between the edited source and edited target means,
-    the separation a fresh discriminator sees (1 before any edit). target_drift: how far the edit moved
-    the target mean itself — an edit that shifts every prompt alike moves both and leaves the gap.
+    target mean). mean_gap_left: the distance still between the edited source mean and the `reference`
+    target rows' mean — the target the edit is matched to and its fresh discriminators see (`compared`):
+    the edited `target` rows by default, the base ones for `anchor="start"` (1 before any edit).
+    target_drift: how far the edit moved the target mean itself — an edit that shifts every prompt alike
+    moves both and leaves the gap between them.
     """
+    reference = target if reference is None else reference
     gap = base_target.mean(0) - base_source.mean(0)
     shift = source.mean(0) - base_source.mean(0)
     gap_norm = gap.norm().clamp_min(1e-12)
     return {
         "projection": float(shift @ gap / gap_norm**2),
         "cosine": float(F.cosine_similarity(shift, gap, dim=0)) if shift.norm() > 0 else 0.0,
-        "mean_gap_left": float((target.mean(0) - source.mean(0)).norm() / gap_norm),
+        "mean_gap_left": float((reference.mean(0) - source.mean(0)).norm() / gap_norm),
         "target_drift": float((target.mean(0) - base_target.mean(0)).norm() / gap_norm),
     }
+
+
+def compared(cfg: RoundsConfig, edited: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The feature sets a fresh discriminator compares: the edited source rows against the target rows
+    the edit is matched to — as the edit leaves them (`anchor="edited"`) or as round 0 read them
+    ("start"). Keys as in `edited` (``train_source``, ``train_target``, ``test_source``, ``test_target``)."""
+    if cfg.anchor != "start":
+        return dict(edited)
+    return {**edited, "train_target": base["train_target"], "test_target": base["test_target"]}
 
 
 class NumericsError(ValueError):
@@ -643,17 +663,19 @@ def run_rounds(
             if r == 0:
                 state.base = dict(sets)
                 state.base_source = {name: _last(v) for name, v in values["train_source"].items()}
-            last = {k: _last(v) for k, v in sets.items()}
+            seen = compared(cfg, sets, state.base)
+            last = {k: _last(v) for k, v in seen.items()}
             accuracy, d_loss, state.disc = fresh_accuracy(
                 cfg, state.generator, (last["train_source"], last["train_target"]),
                 (last["test_source"], last["test_target"]))
             record: dict[str, Any] = {"round": r, "fresh_d_accuracy": accuracy,
                                       "d_loss": _finite(d_loss, r, "discriminator"),
                                       "adapter_loss": None, "converged": low <= accuracy <= high}
+            edited_target = _last(sets["train_target"])
             record.update(gap_figures(_last(state.base["train_source"]), _last(state.base["train_target"]),
-                                      last["train_source"], last["train_target"]))
+                                      last["train_source"], edited_target, last["train_target"]))
             if rows.window > 1:  # every POOL_STRIDE-th window position keeps this measurement cheap
-                pooled = {k: _pooled(v[:, ::POOL_STRIDE]) for k, v in sets.items()}
+                pooled = {k: _pooled(v[:, ::POOL_STRIDE]) for k, v in seen.items()}
                 record["fresh_d_accuracy_pooled"] = fresh_accuracy(
                     cfg, state.generator, (pooled["train_source"], pooled["train_target"]),
                     (pooled["test_source"], pooled["test_target"]))[0]
@@ -663,12 +685,15 @@ def run_rounds(
                     cfg, state.generator, (last["train_source"] + shift, last["train_target"]),
                     (last["test_source"] + shift, last["test_target"]))[0]
             per_stream = {part: {name: _last(v) for name, v in values[part].items()} for part in parts}
+            widths = [values["train_source"][name].shape[-1] for name in read]
+            for part in ("train_target", "test_target"):  # the probes compare what the fresh discriminators do
+                per_stream[part].update(zip(read, torch.split(_last(seen[part]), widths, dim=-1)))
             record["probe_accuracy"] = layers.probe_accuracies(
                 (per_stream["train_source"], per_stream["train_target"]),
                 (per_stream["test_source"], per_stream["test_target"]), read, state.generator)
             record["adapters"] = layers.adapter_effects(interventions, state.base_source, per_stream["train_source"])
             record["kl_to_base"] = kl_to_base(backend, rows.test_target, interventions, rows.window, sizer, base)
-            state.snapshots[r] = {"source": last["train_source"].cpu(), "target": last["train_target"].cpu()}
+            state.snapshots[r] = {"source": last["train_source"].cpu(), "target": edited_target.cpu()}
             if not record["converged"] and r < cfg.rounds:
                 if cfg.schedule == "paper":
                     record.update(paper_phase(backend, rows, read, interventions, state.disc, state.optimizer, cfg,

@@ -61,10 +61,13 @@ def load_cached(folder: Path) -> are_lens.Edit | None:
 
 def gaps(result: are_lens.Edit) -> dict[str, float]:
     """Gap figures of the last round against round 0 (`rounds.gap_figures`), from the edit's saved
-    last-token snapshots of the training split: the same for edits trained before the figures' definition
-    changed (the gap then counted from the *edited* target mean, which the edit itself moved)."""
+    last-token snapshots of the training split, the same for every edit whatever it was matched to:
+    `mean_gap_left` to the edited target rows (what a discriminator on the edited model sees) and
+    `gap_to_base` to the base target rows (the target representations the concept defines)."""
     first, last = (result.snapshots[r] for r in (min(result.snapshots), max(result.snapshots)))
-    return gap_figures(first["source"], first["target"], last["source"], last["target"])
+    figures = gap_figures(first["source"], first["target"], last["source"], last["target"])
+    to_base = gap_figures(first["source"], first["target"], last["source"], last["target"], first["target"])
+    return {**figures, "gap_to_base": to_base["mean_gap_left"]}
 
 
 def score(replies: list[str]) -> dict[str, float]:
@@ -183,10 +186,11 @@ def ablations(rows: list[dict], out: Path, wall: float) -> str:
 
 def markdown_rows(rows: list[dict]) -> str:
     """One table line per run: convergence figures, VADER and Rep-4 at every strength, Self-BLEU and reply
-    length at the strongest ("–" for rows measured before those were recorded)."""
-    strengths = list(rows[0]["after"]) if rows else []
+    length at the strongest ("–" where a row did not measure a figure or strength)."""
+    strengths = sorted({s for r in rows for s in r["after"]}, key=float)  # rows may differ in strengths measured
     top = strengths[-1] if strengths else ""
-    head = ("| tone | schedule | seed | steps | s | fresh-D last | pooled | oracle | gap left | target drift | proj | "
+    head = ("| tone | schedule | seed | steps | s | fresh-D last | pooled | oracle | gap to edited | gap to base | "
+            "target drift | proj | "
             "cos | VADER base | " + " | ".join(f"VADER ×{s}" for s in strengths) + " | VADER instr. | Rep-4 base | "
             + " | ".join(f"Rep-4 ×{s}" for s in strengths)
             + f" | Self-BLEU base | Self-BLEU ×{top} | words base | words ×{top} |")
@@ -197,14 +201,16 @@ def markdown_rows(rows: list[dict]) -> str:
 
     for r in rows:
         pooled = "–" if r["fresh_d_pooled"] is None else f"{r['fresh_d_pooled']:.2f}"
-        base, strongest = r["base"], r["after"][top]
+        base, strongest = r["base"], r["after"].get(top, {})
+        after = {s: r["after"].get(s, {}) for s in strengths}
         lines.append(
             f"| {r['tone']} | {r['schedule']} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | {r['fresh_d']:.2f} | "
-            f"{pooled} | {r['oracle_d']:.2f} | {r['mean_gap_left']:.2f} | {shown(r, 'target_drift', '.2f')} | "
+            f"{pooled} | {r['oracle_d']:.2f} | {r['mean_gap_left']:.2f} | {shown(r, 'gap_to_base', '.2f')} | "
+            f"{shown(r, 'target_drift', '.2f')} | "
             f"{r['projection']:.2f} | {r['cosine']:.2f} | "
-            f"{base['vader']:+.2f} | " + " | ".join(f"{r['after'][s]['vader']:+.2f}" for s in strengths)
+            f"{base['vader']:+.2f} | " + " | ".join(shown(after[s], "vader", "+.2f") for s in strengths)
             + f" | {r['instructed']['vader']:+.2f} | {base['rep4']:.2f} | "
-            + " | ".join(f"{r['after'][s]['rep4']:.2f}" for s in strengths)
+            + " | ".join(shown(after[s], "rep4", ".2f") for s in strengths)
             + f" | {shown(base, 'self_bleu', '.2f')} | {shown(strongest, 'self_bleu', '.2f')} | "
             f"{shown(base, 'words', '.0f')} | {shown(strongest, 'words', '.0f')} |")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from are_lens.rounds import (
     BatchSize,
     Rows,
     check_matched_only,
+    compared,
     extract,
     gap_figures,
     joined,
@@ -37,15 +38,15 @@ def setup(random_bridge):
     return backend, Rows(rows, rows, rows, rows), [("blocks.1.hook_resid_post", adapter)]
 
 
-def phase(setup, lr=0.0, start_interventions=None, **changes):
+def phase(setup, lr=0.0, start_interventions=None, window=1, **changes):
     """One matched phase; `start` (the round-0 anchors) read under `start_interventions` (default: the edit's)."""
     backend, rows, interventions = setup
     changes = {"batch_size": len(rows.train_source), **changes}
     cfg = dataclasses.replace(preset("matched"), steps_per_round=3, **changes)
     anchors = interventions if start_interventions is None else start_interventions
-    start = {part: joined(extract(backend, getattr(rows, part), READ, anchors, 1, 16), READ)
+    start = {part: joined(extract(backend, getattr(rows, part), READ, anchors, window, 16), READ)
              for part in ("train_source", "train_target")}
-    target = joined(extract(backend, rows.train_target, READ, interventions, 1, 16), READ)
+    target = joined(extract(backend, rows.train_target, READ, interventions, window, 16), READ)
     warm = discriminators.make("mlp", target.shape[-1], 32, cfg.warm_dropout)
     warm.standardize_on(target[:, 0])
     before = [p.clone() for p in warm.parameters()]
@@ -73,6 +74,21 @@ def test_mean_term_is_the_squared_gap_in_the_chosen_metric(setup, metric):
     scale = warm.std if metric == "standardized" else 1.0  # the warm D's fixed standardisation
     expected = ((source.mean(0) - target.mean(0)) / scale).pow(2).sum()
     assert figures["mean_loss"] == pytest.approx(float(expected), rel=1e-4) and figures["mean_loss"] > 0
+
+
+@pytest.mark.parametrize("positions", ["pooled", "each"])
+def test_mean_term_over_a_window_pools_its_positions_or_matches_each(setup, positions):
+    """A two-position window: "pooled" compares one mean over rows and positions, "each" averages the
+    squared gaps of every position's own mean (which also sees gaps of opposite sign cancel in the pool)."""
+    backend, _, interventions = setup
+    other, rows = (backend.tokenize(sentences(kind, 8)) for kind in ("happy", "sad"))
+    window = Rows(other, rows, other, rows, window=2)
+    figures, warm, _ = phase((backend, window, interventions), window=2, mean_positions=positions)
+    source, target = (joined(extract(backend, r, READ, interventions, 2, 16), READ) for r in (other, rows))
+    gaps = (source.mean(0) - target.mean(0)) / warm.std  # one row per window position
+    expected = gaps.mean(0).pow(2).sum() if positions == "pooled" else gaps.pow(2).sum(-1).mean()
+    assert figures["mean_loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert gaps.mean(0).pow(2).sum() < gaps.pow(2).sum(-1).mean()  # the two measures differ on this window
 
 
 def test_mean_term_does_not_depend_on_how_the_rows_are_batched(setup):
@@ -171,6 +187,22 @@ def test_anchored_edit_with_a_hold_term_records_it_and_moves_the_targets_less(ra
     held = edit(random_bridge, concept, anchor="start", hold_weight=5.0, **kw)
     assert held.config["anchor"] == "start" and held.history[0]["hold_loss"] > 0
     assert held.history[-1]["target_drift"] < free.history[-1]["target_drift"]
+    for result, reference in ((free, "edited"), (held, "base")):  # the gap to what the edit is matched to
+        first, last = result.snapshots[0], result.snapshots[max(result.snapshots)]
+        target = last["target"] if reference == "edited" else first["target"]
+        expected = (target.mean(0) - last["source"].mean(0)).norm() / (first["target"] - first["source"]).mean(0).norm()
+        assert result.history[-1]["mean_gap_left"] == pytest.approx(float(expected), rel=1e-4)
+    assert last["target"].sub(first["target"]).abs().max() > 0  # the snapshots keep the edited target rows
+
+
+def test_fresh_discriminators_compare_the_target_rows_the_edit_is_matched_to():
+    edited = {part: torch.full((2, 3), float(i)) for i, part in enumerate(
+        ("train_source", "train_target", "test_source", "test_target"))}
+    base = {part: -value for part, value in edited.items()}
+    assert compared(preset("matched"), edited, base) == edited
+    anchored = compared(dataclasses.replace(preset("matched"), anchor="start"), edited, base)
+    assert anchored["train_source"] is edited["train_source"] and anchored["test_source"] is edited["test_source"]
+    assert anchored["train_target"] is base["train_target"] and anchored["test_target"] is base["test_target"]
 
 
 def test_preservation_term_is_zero_for_a_zero_adapter_and_positive_once_it_moves(setup):
