@@ -159,8 +159,8 @@ def edit(
     `anchor` ("edited"/"start", matched only) says whether source rows are matched to the target rows as
     the edit leaves them or as round 0 read them (the fresh discriminators compare the same);
     `mean_positions` ("pooled"/"each", matched only) matches one mean over the window's positions or
-    every position's own; `hold_weight` (matched only, default 0) weighs a term
-    keeping the target rows' mean read features where round 0 found them (the edit applies to every prompt);
+    every position's own; `hold_weight` (matched only, default 0) weighs a term keeping the target rows'
+    mean read features where round 0 found them (the edit applies to every prompt);
     `preserve_weight` (matched only, default 0 = off) adds that weight times KL(base ‖ edited) of the
     next-token distributions on target training rows to every adapter step, and every history record
     holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the

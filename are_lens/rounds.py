@@ -447,7 +447,9 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
     minus the same rows' round-0 features) with the round-0 gap, so the rows' own spread cancels from the
     estimate. The edit applies to every prompt: matched to the edited target rows it can carry them
     along (`gap_figures`' `target_drift`). With `cfg.hold_weight` > 0 each step also runs a target batch
-    and adds the same measure of *its* shift from round 0, which should stay 0.
+    and adds the same measure of *its* shift from round 0, which should stay 0. `cfg.mean_positions`:
+    "pooled" takes these means over all window positions at once, "each" per position and averages the
+    positions' squared distances.
 
     Batches are `cfg.batch_size` rows; `sizer` splits a step that does not fit (`adapter_gradients`: the
     batch means stay the whole batch's). The target batch (hold and preservation) is the target training
@@ -684,10 +686,11 @@ def run_rounds(
                 record["oracle_d_accuracy"] = fresh_accuracy(
                     cfg, state.generator, (last["train_source"] + shift, last["train_target"]),
                     (last["test_source"] + shift, last["test_target"]))[0]
-            per_stream = {part: {name: _last(v) for name, v in values[part].items()} for part in parts}
             widths = [values["train_source"][name].shape[-1] for name in read]
-            for part in ("train_target", "test_target"):  # the probes compare what the fresh discriminators do
-                per_stream[part].update(zip(read, torch.split(_last(seen[part]), widths, dim=-1)))
+            per_stream = {part: {name: _last(v) for name, v in values[part].items()}
+                          for part in ("train_source", "test_source")}
+            per_stream.update({part: dict(zip(read, torch.split(_last(seen[part]), widths, dim=-1)))
+                               for part in ("train_target", "test_target")})  # as the fresh discriminators
             record["probe_accuracy"] = layers.probe_accuracies(
                 (per_stream["train_source"], per_stream["train_target"]),
                 (per_stream["test_source"], per_stream["test_target"]), read, state.generator)
