@@ -160,7 +160,8 @@ def edit(
     the edit leaves them or as round 0 read them (the fresh discriminators compare the same);
     `mean_positions` ("pooled"/"each", matched only) matches one mean over the window's positions or
     every position's own; `hold_weight` (matched only, default 0) weighs a term keeping the target rows'
-    mean read features where round 0 found them (the edit applies to every prompt);
+    mean read features where round 0 found them (the edit applies to every prompt); `pair_weight` (matched
+    only, default 0, paired concepts) weighs each source row's distance to its own target twin;
     `preserve_weight` (matched only, default 0 = off) adds that weight times KL(base ‖ edited) of the
     next-token distributions on target training rows to every adapter step, and every history record
     holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the
@@ -192,6 +193,7 @@ def edit(
         raise TypeError(f"strength= must be a number ≥ 0; got {strength!r}")
     cfg = dataclasses.replace(_checked_options(preset(schedule), options),
                               stop_band=_check_stop_band(stop_band), seed=seed)
+    _check_pairs(cfg, concept)
     folder = None if checkpoint_dir is None else writable_folder(checkpoint_dir, "checkpoint_dir")
     fingerprint = backend.fingerprint()
     run = {"at": at_names, "read": read_names, "adapter": adapter, "rank": rank, **cfg.to_dict()}
@@ -215,6 +217,19 @@ def edit(
         module.scale = float(strength)
     config = {**run, "strength": float(strength)}
     return Edit(interventions, disc, config, history, fingerprint, concept.summary(), snapshots)
+
+
+def _check_pairs(cfg: RoundsConfig, concept: Concept) -> None:
+    """`pair_weight` matches each source row to its own target twin: the concept must pair its prompts and
+    both rows must carry the same teacher-forced reply."""
+    if cfg.pair_weight == 0:
+        return
+    if not concept.paired:
+        raise ValueError(f"pair_weight= needs a paired concept (as many source as target prompts, the i-th of "
+                         f"each a pair); got {len(concept.source)} source and {len(concept.target)} target prompts")
+    if cfg.source_replies != "target":
+        raise ValueError("pair_weight= compares each source row with its target twin position by position, so "
+                         f"both must carry the same reply: source_replies='target'; got {cfg.source_replies!r}")
 
 
 def _concept_digest(concept: Concept) -> str:

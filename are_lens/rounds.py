@@ -88,6 +88,7 @@ class RoundsConfig:
     source_replies: str = "target"  # teacher-forced replies: "target" (both rows) or "own" (each set its own)
     mean_metric: str = "standardized"  # matched only: "standardized" (features over round 0's std) or "raw"
     mean_positions: str = "pooled"  # matched only: one mean over the window's positions, or "each" its own
+    pair_weight: float = 0.0  # matched only: weight of each source row's distance to its own target row
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +102,7 @@ POOL_STRIDE = 4
 
 MATCHED_ONLY = {"preserve_weight": ("a KL term in its adapter steps", 0.0),
                 "hold_weight": ("a term in its adapter steps", 0.0),
+                "pair_weight": ("a term in its adapter steps", 0.0),
                 "anchor": ("what its mean term matches", "edited")}
 """Options only the matched schedule uses: why, and the value that leaves it off."""
 
@@ -449,7 +451,9 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
     along (`gap_figures`' `target_drift`). With `cfg.hold_weight` > 0 each step also runs a target batch
     and adds the same measure of *its* shift from round 0, which should stay 0. `cfg.mean_positions`:
     "pooled" takes these means over all window positions at once, "each" per position and averages the
-    positions' squared distances.
+    positions' squared distances. With `cfg.pair_weight` > 0 each source row is also matched to its own
+    target twin (same instruction, same teacher-forced reply; `pair_loss`), position by position in the
+    same standardised metric — for a paired concept; a mean can match while every pair stays apart.
 
     Batches are `cfg.batch_size` rows; `sizer` splits a step that does not fit (`adapter_gradients`: the
     batch means stay the whole batch's). The target batch (hold and preservation) is the target training
@@ -461,6 +465,7 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
     """
     sizer = sized(cfg.batch_size, backend.device) if sizer is None else sizer
     preserving, holding, from_start = cfg.preserve_weight > 0, cfg.hold_weight > 0, cfg.anchor == "start"
+    pairing = cfg.pair_weight > 0
     target_batches = buckets(rows.train_target, cfg.batch_size)
     if preserving and base is None:
         base = BaseLogProbs(backend, rows.window)
@@ -470,7 +475,7 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
     wanted = means(target_rows).mean(0) - (means(start["train_source"]).mean(0) if from_start else 0.0)
     feature_scale = mean_scale(warm, cfg)
     batches = buckets(rows.train_source, cfg.batch_size)
-    keys = ("adapter_loss", "adversarial", "mean", "hold", "warm", "margin", "preserve")
+    keys = ("adapter_loss", "adversarial", "mean", "hold", "pair", "warm", "margin", "preserve")
     sums = {k: torch.zeros((), device=backend.device) for k in keys}
 
     def shift_term(window: Tensor, anchor: Tensor | None, wanted: Tensor | float) -> Tensor:
@@ -480,7 +485,13 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
             shift = shift - means(anchor).mean(0)
         return ((shift - wanted) / feature_scale).pow(2).sum(-1).mean() / gap_scale
 
-    def loss_of(window: Tensor, source_anchor: Tensor | None, target_anchor: Tensor | None) -> tuple[Tensor, ...]:
+    def pair_term(window: Tensor, partners: Tensor) -> Tensor:
+        """Each source row's standardised squared distance to its own target row (same instruction, same
+        teacher-forced reply), averaged over rows and window positions, over the initial gap."""
+        return ((window.float() - partners) / feature_scale).pow(2).sum(-1).mean() / gap_scale
+
+    def loss_of(window: Tensor, source_anchor: Tensor | None, target_anchor: Tensor | None,
+                partners: Tensor) -> tuple[Tensor, ...]:
         """The window holds the source batch, then (when holding) the target batch of `target_anchor`'s rows."""
         n_source = len(window) - (0 if target_anchor is None else len(target_anchor))
         feats = _pooled(window[:n_source]).float()
@@ -489,8 +500,10 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         mean_term = shift_term(window[:n_source], source_anchor, wanted)
         hold = (torch.zeros_like(mean_term) if target_anchor is None
                 else shift_term(window[n_source:], target_anchor, 0.0))
-        loss = cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term + cfg.hold_weight * hold
-        return loss, adversarial, mean_term, hold, logits.detach(), feats.detach()
+        pair = pair_term(window[:n_source], partners) if pairing else torch.zeros_like(mean_term)
+        loss = (cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term + cfg.hold_weight * hold
+                + cfg.pair_weight * pair)
+        return loss, adversarial, mean_term, hold, pair, logits.detach(), feats.detach()
 
     for step in range(cfg.steps_per_round):
         if step % len(batches) == 0:
@@ -499,11 +512,12 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         pick = target_batches[(round_ * cfg.steps_per_round + step) % len(target_batches)]
         held = pick if holding else []
         warm.eval()
-        loss, adversarial, mean_term, hold, logits, feats = adapter_gradients(
+        loss, adversarial, mean_term, hold, pair, logits, feats = adapter_gradients(
             backend, [rows.train_source[i] for i in idx] + [rows.train_target[i] for i in held], read,
             interventions, rows.window, optimizer, sizer,
             functools.partial(loss_of, source_anchor=start["train_source"][idx] if from_start else None,
-                              target_anchor=start["train_target"][held] if holding else None))
+                              target_anchor=start["train_target"][held] if holding else None,
+                              partners=target_rows[idx]))
         if preserving:
             preserve = preservation_gradients(backend, [rows.train_target[i] for i in pick], interventions,
                                               rows.window, cfg.preserve_weight, base, sizer)
@@ -524,11 +538,12 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
 
         margin = (logits[:, TARGET] - logits[:, SOURCE]).mean()
         for key, value in (("adapter_loss", loss), ("adversarial", adversarial), ("mean", mean_term),
-                           ("hold", hold), ("warm", warm_loss), ("margin", margin)):
+                           ("hold", hold), ("pair", pair), ("warm", warm_loss), ("margin", margin)):
             sums[key] = sums[key] + value.detach()
     out = {k: float(v / cfg.steps_per_round) for k, v in sums.items()}
     return {"adapter_loss": out["adapter_loss"], "adversarial_loss": out["adversarial"],
             "mean_loss": out["mean"], "hold_loss": out["hold"] if holding else None,
+            "pair_loss": out["pair"] if pairing else None,
             "warm_d_loss": out["warm"], "warm_d_margin": out["margin"],
             "preserve_loss": out["preserve"] if preserving else None}
 

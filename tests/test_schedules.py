@@ -118,6 +118,23 @@ def test_hold_term_is_the_target_rows_shift_and_zero_for_a_zero_adapter(setup):
     assert off["adapter_loss"] == pytest.approx(off["adversarial_loss"] + off["mean_loss"], rel=1e-5)
 
 
+def test_pair_term_is_each_rows_distance_to_its_twin_and_bounds_the_mean_term(setup):
+    backend, rows, interventions = setup
+    same, _, _ = phase(setup, pair_weight=1.0)  # every source row is its own target twin
+    assert same["pair_loss"] == pytest.approx(0.0, abs=1e-10)
+    other = backend.tokenize(sentences("happy", 8))
+    changed = (backend, Rows(other, rows.train_target, other, rows.test_target), interventions)
+    figures, warm, _ = phase(changed, pair_weight=1.0)
+    source, target = (joined(extract(backend, r, READ, interventions, 1, 16), READ)[:, 0]
+                      for r in (other, rows.train_target))
+    expected = ((source - target) / warm.std).pow(2).sum(-1).mean()  # row i against row i
+    assert figures["pair_loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert figures["pair_loss"] > figures["mean_loss"] > 0  # a mean's squared gap ≤ the mean squared gap
+    parts = figures["adversarial_loss"] + figures["mean_loss"] + figures["pair_loss"]
+    assert figures["adapter_loss"] == pytest.approx(parts, rel=1e-5)
+    assert phase(changed)[0]["pair_loss"] is None  # off by default
+
+
 def test_gap_figures_see_an_edit_that_moves_every_prompt_alike():
     base_source, base_target = torch.zeros(4, 3), torch.ones(4, 3)
     gap = torch.ones(3)
@@ -274,7 +291,8 @@ def test_bad_preserve_weights_name_themselves(random_bridge, value, error, words
              preserve_weight=value, progress=False)
 
 
-@pytest.mark.parametrize("name, value", [("preserve_weight", 0.5), ("hold_weight", 1.0), ("anchor", "start")])
+@pytest.mark.parametrize("name, value", [("preserve_weight", 0.5), ("hold_weight", 1.0), ("pair_weight", 1.0),
+                                         ("anchor", "start")])
 def test_matched_only_options_are_refused_by_the_paper_schedule(random_bridge, name, value):
     with pytest.raises(ValueError, match=f"{name}= is used only by schedule='matched'.* got "
                                          f"{name}={value!r} with schedule='paper'"):
