@@ -20,8 +20,10 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
   behaviour less (benchmarks/RESULTS.md). `mean_positions="each"` matches every window position's mean
   rather than one mean over them all, which the pooled term lets cancel across positions: anchored, it
   brought the last-token source mean to 0.18–0.24 of the gap from the target mean, from 0.52–0.85, but moved
-  behaviour no more. The paper's schedule does not converge on small models (fresh D stays at 0.95–1.0 while
-  adapters overshoot). Standardising the mean term matters for behaviour: in raw coordinates the
+  behaviour no more. `pair_weight` > 0 (paired concepts) also matches each source row to its own target
+  twin: anchored, the first edits with pooled fresh D ≤ 0.60, and the cheerful tone at strength 1 on one
+  seed of two (benchmarks/RESULTS.md). The paper's schedule does not converge on small models (fresh D
+  stays at 0.95–1.0 while adapters overshoot). Standardising the mean term matters for behaviour: in raw coordinates the
   high-variance features weigh most (their spread is up to 8× the median one at SmolLM2's blocks 10–14), and
   a gloomy edit matched there made replies *more* positive; standardised, each feature counts by its gap
   relative to its spread, as the discriminators see it, and the same edit moves replies to the gloomy side
