@@ -23,11 +23,11 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
   behaviour no more. `pair_weight` > 0 (paired concepts) also matches each source row to its own target
   twin: anchored, the first edits with pooled fresh D ≤ 0.60, and the cheerful tone at strength 1 on one
   seed of two (benchmarks/RESULTS.md). The paper's schedule does not converge on small models (fresh D
-  stays at 0.95–1.0 while adapters overshoot). Standardising the mean term matters for behaviour: in raw coordinates the
-  high-variance features weigh most (their spread is up to 8× the median one at SmolLM2's blocks 10–14), and
-  a gloomy edit matched there made replies *more* positive; standardised, each feature counts by its gap
-  relative to its spread, as the discriminators see it, and the same edit moves replies to the gloomy side
-  (benchmarks/RESULTS.md). Fresh discriminators are still used to measure every round.
+  stays at 0.95–1.0 while adapters overshoot). Standardising the mean term matters for behaviour: in raw
+  coordinates the high-variance features weigh most (their spread is up to 8× the median one at SmolLM2's
+  blocks 10–14), and a gloomy edit matched there made replies *more* positive; standardised, each feature
+  counts by its gap relative to its spread, as the discriminators see it, and the same edit moves replies
+  to the gloomy side (benchmarks/RESULTS.md). Fresh discriminators are still used to measure every round.
   With `preserve_weight` > 0 each matched step also adds `preserve_weight · KL(base ‖ edited)` of the
   next-token distributions on a batch of *target* training rows, over the window's real positions
   (`preservation_gradients`): the edit is asked to leave what the target prompts already do alone.
@@ -480,20 +480,20 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
     keys = ("adapter_loss", "adversarial", "mean", "hold", "pair", "warm", "margin", "preserve")
     sums = {k: torch.zeros((), device=backend.device) for k in keys}
 
+    def squared(difference: Tensor) -> Tensor:
+        """A difference's squared length in standardised features, averaged over what precedes the feature
+        axis, over the initial gap: the metric every matching term uses."""
+        return (difference / feature_scale).pow(2).sum(-1).mean() / gap_scale
+
     def shift_term(window: Tensor, anchor: Tensor | None, wanted: Tensor | float) -> Tensor:
-        """((mean of `window` − mean of `anchor`) − `wanted`)², standardised, over the initial gap."""
+        """(mean of `window` − mean of `anchor`) − `wanted`, squared."""
         shift = means(window).float().mean(0)
         if anchor is not None:
             shift = shift - means(anchor).mean(0)
-        return ((shift - wanted) / feature_scale).pow(2).sum(-1).mean() / gap_scale
-
-    def pair_term(window: Tensor, partners: Tensor) -> Tensor:
-        """Each source row's standardised squared distance to its own target row (same instruction, same
-        teacher-forced reply), averaged over rows and window positions, over the initial gap."""
-        return ((window.float() - partners) / feature_scale).pow(2).sum(-1).mean() / gap_scale
+        return squared(shift - wanted)
 
     def loss_of(window: Tensor, source_anchor: Tensor | None, target_anchor: Tensor | None,
-                partners: Tensor) -> tuple[Tensor, ...]:
+                partners: Tensor | None) -> tuple[Tensor, ...]:
         """The window holds the source batch, then (when holding) the target batch of `target_anchor`'s rows."""
         n_source = len(window) - (0 if target_anchor is None else len(target_anchor))
         feats = _pooled(window[:n_source]).float()
@@ -502,7 +502,8 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
         mean_term = shift_term(window[:n_source], source_anchor, wanted)
         hold = (torch.zeros_like(mean_term) if target_anchor is None
                 else shift_term(window[n_source:], target_anchor, 0.0))
-        pair = pair_term(window[:n_source], partners) if pairing else torch.zeros_like(mean_term)
+        # each source row against its own target twin (same instruction, same reply), position by position
+        pair = torch.zeros_like(mean_term) if partners is None else squared(window[:n_source].float() - partners)
         loss = (cfg.adversarial_weight * adversarial + cfg.mean_weight * mean_term + cfg.hold_weight * hold
                 + cfg.pair_weight * pair)
         return loss, adversarial, mean_term, hold, pair, logits.detach(), feats.detach()
@@ -519,7 +520,7 @@ def matched_phase(backend: Backend, rows: Rows, read: Sequence[str], interventio
             interventions, rows.window, optimizer, sizer,
             functools.partial(loss_of, source_anchor=start["train_source"][idx] if from_start else None,
                               target_anchor=start["train_target"][held] if holding else None,
-                              partners=target_rows[idx]))
+                              partners=target_rows[idx] if pairing else None))
         if preserving:
             preserve = preservation_gradients(backend, [rows.train_target[i] for i in pick], interventions,
                                               rows.window, cfg.preserve_weight, base, sizer)
