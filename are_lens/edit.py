@@ -156,12 +156,13 @@ def edit(
     "lowrank+bias" or "bias" (a steering vector). `options` override the schedule's defaults
     (`rounds`, `lr`, `discriminator` ("mlp"/"linear"), `hidden`, `steps_per_round`, `reply_tokens`,
     `mean_metric` ("standardized"/"raw"), `source_replies` ("target"/"own"), …; see `RoundsConfig`);
-    `anchor` ("edited"/"start", matched only) says whether source rows are matched to the target rows as
-    the edit leaves them or as round 0 read them (the fresh discriminators compare the same);
-    `mean_positions` ("pooled"/"each", matched only) matches one mean over the window's positions or
-    every position's own; `hold_weight` (matched only, default 0) weighs a term keeping the target rows'
+    `anchor` ("start"/"edited", matched only) says whether source rows are matched to the target rows as
+    round 0 read them or as the edit leaves them (the fresh discriminators compare the same);
+    `mean_positions` ("each"/"pooled", matched only) matches every window position's own mean or one mean
+    over them all; `hold_weight` (matched only, default 0) weighs a term keeping the target rows'
     mean read features where round 0 found them (the edit applies to every prompt); `pair_weight` (matched
-    only, default 0, paired concepts) weighs each source row's distance to its own target twin;
+    only, default 1) weighs each source row's distance to its own target twin — the default is dropped to 0
+    for a concept that does not pair its prompts or with `source_replies="own"`, a chosen weight refused;
     `preserve_weight` (matched only, default 0 = off) adds that weight times KL(base ‖ edited) of the
     next-token distributions on target training rows to every adapter step, and every history record
     holds `kl_to_base`, the same KL on the held-out target rows. `strength` is the
@@ -193,7 +194,7 @@ def edit(
         raise TypeError(f"strength= must be a number ≥ 0; got {strength!r}")
     cfg = dataclasses.replace(_checked_options(preset(schedule), options),
                               stop_band=_check_stop_band(stop_band), seed=seed)
-    _check_pairs(cfg, concept)
+    cfg = _paired(cfg, concept, chosen="pair_weight" in options)
     folder = None if checkpoint_dir is None else writable_folder(checkpoint_dir, "checkpoint_dir")
     fingerprint = backend.fingerprint()
     run = {"at": at_names, "read": read_names, "adapter": adapter, "rank": rank, **cfg.to_dict()}
@@ -219,17 +220,21 @@ def edit(
     return Edit(interventions, disc, config, history, fingerprint, concept.summary(), snapshots)
 
 
-def _check_pairs(cfg: RoundsConfig, concept: Concept) -> None:
+def _paired(cfg: RoundsConfig, concept: Concept, chosen: bool) -> RoundsConfig:
     """`pair_weight` matches each source row to its own target twin: the concept must pair its prompts and
-    both rows must carry the same teacher-forced reply."""
+    both rows must carry the same teacher-forced reply. The default weight is dropped (to 0, as the Edit's
+    config records) where they do not; a weight the caller chose is refused there."""
     if cfg.pair_weight == 0:
-        return
+        return cfg
+    if not chosen and not (concept.paired and cfg.source_replies == "target"):
+        return dataclasses.replace(cfg, pair_weight=0.0)
     if not concept.paired:
         raise ValueError(f"pair_weight= needs a paired concept (as many source as target prompts, the i-th of "
                          f"each a pair); got {len(concept.source)} source and {len(concept.target)} target prompts")
     if cfg.source_replies != "target":
         raise ValueError("pair_weight= compares each source row with its target twin position by position, so "
                          f"both must carry the same reply: source_replies='target'; got {cfg.source_replies!r}")
+    return cfg
 
 
 def _concept_digest(concept: Concept) -> str:

@@ -7,30 +7,24 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
 * ``paper``: the adapters take `adapter_epochs` passes of cross-entropy toward "target" against the
   frozen fresh discriminator, at the last prompt token only.
 * ``matched`` (default): the adapters take `steps_per_round` steps against a *warm* discriminator
-  (dropout, weight decay, label smoothing; one update per adapter step) plus a mean-matching term
-  (edited source mean vs target mean, each feature divided by its round-0 spread and the whole by the
-  initial gap: `mean_metric`), at the last prompt token and at `reply_tokens` teacher-forced positions
-  of the model's own replies to the target prompts (`source_replies="own"`: source rows get the replies
-  to the source prompts instead). The target is the target rows as the edit leaves them (`anchor=
-  "edited"`); the edit applies to every prompt, so it carries them along, several times the original
-  gap on SmolLM2 while the gap between the two shrinks little (`gap_figures`' `target_drift`).
-  `anchor="start"` matches the round-0 target features instead (and the fresh discriminators then compare
-  the edited source rows with those: `compared`) and `hold_weight` > 0 adds a term keeping the target rows
-  where they were: measured, that edit converges further and disturbs the target prompts less but moves
-  behaviour less (benchmarks/RESULTS.md). `mean_positions="each"` matches every window position's mean
-  rather than one mean over them all, which the pooled term lets cancel across positions: anchored, it
-  brought the last-token source mean to 0.18–0.24 of the gap from the target mean, from 0.52–0.85, but moved
-  behaviour no more. `pair_weight` > 0 (paired concepts) also matches each source row to its own target
-  twin: anchored, the first edits with pooled fresh D ≤ 0.60, and the cheerful tone at strength 1 on one
-  seed of two (benchmarks/RESULTS.md). The paper's schedule does not converge on small models (fresh D
-  stays at 0.95–1.0 while adapters overshoot). Standardising the mean term matters for behaviour: in raw
-  coordinates the high-variance features weigh most (their spread is up to 8× the median one at SmolLM2's
-  blocks 10–14), and a gloomy edit matched there made replies *more* positive; standardised, each feature
-  counts by its gap relative to its spread, as the discriminators see it, and the same edit moves replies
-  to the gloomy side (benchmarks/RESULTS.md). Fresh discriminators are still used to measure every round.
-  With `preserve_weight` > 0 each matched step also adds `preserve_weight · KL(base ‖ edited)` of the
-  next-token distributions on a batch of *target* training rows, over the window's real positions
-  (`preservation_gradients`): the edit is asked to leave what the target prompts already do alone.
+  (dropout, weight decay, label smoothing; one update per adapter step) plus matching terms, at the last
+  prompt token and at `reply_tokens` teacher-forced positions of the model's own replies to the target
+  prompts (`source_replies="own"`: source rows get the replies to the source prompts instead). Each term
+  is a squared distance in standardised features (each divided by its round-0 spread: `mean_metric`) over
+  the initial gap. The mean term matches the source batch's shift from round 0 to the round-0 gap at every
+  window position (`anchor="start"`, `mean_positions="each"`); the pair term (`pair_weight`, paired
+  concepts) matches each source row to its own target twin — same instruction, same reply — position by
+  position, since a mean can match while every pair stays apart. Measured on SmolLM2 (benchmarks/
+  RESULTS.md): with reads reaching the last blocks this moves both tone directions fluently on two seeds;
+  the earlier default (`anchor="edited"`, `mean_positions="pooled"`, no pair term: matched to the target
+  rows *as the edit leaves them*) carried the target prompts 3–4 gaps along and its cheerful replies
+  repeated. `hold_weight` > 0 adds a term keeping the target rows' mean where round 0 found them;
+  `preserve_weight` > 0 adds `preserve_weight · KL(base ‖ edited)` of the next-token distributions on a
+  batch of target training rows (`preservation_gradients`). The fresh discriminators compare the edited
+  source rows with the target rows the edit is matched to (`compared`). Standardising matters: in raw
+  coordinates the high-variance features (spread up to 8× the median one at SmolLM2's blocks 10–14)
+  dominate, and a gloomy edit matched there made replies *more* positive. The paper's schedule does not
+  converge on small models (fresh D stays at 0.95–1.0 while adapters overshoot).
 
 Every round's record also holds `kl_to_base`: the mean KL(base ‖ edited) of the next-token distributions
 over the window's real positions of the held-out target rows, measured with the other figures at the
@@ -85,12 +79,12 @@ class RoundsConfig:
     warm_weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     preserve_weight: float = 0.0  # matched only: weight of KL(base ‖ edited) on target rows; 0 = off
-    anchor: str = "edited"  # matched only: target features the source rows are matched to: "edited" or "start"
+    anchor: str = "start"  # matched only: target features the source rows are matched to: "start" or "edited"
     hold_weight: float = 0.0  # matched only: weight of the term keeping the target rows' mean where it was
     source_replies: str = "target"  # teacher-forced replies: "target" (both rows) or "own" (each set its own)
     mean_metric: str = "standardized"  # matched only: "standardized" (features over round 0's std) or "raw"
-    mean_positions: str = "pooled"  # matched only: one mean over the window's positions, or "each" its own
-    pair_weight: float = 0.0  # matched only: weight of each source row's distance to its own target row
+    mean_positions: str = "each"  # matched only: every window position's own mean, or one "pooled" over them
+    pair_weight: float = 1.0  # matched only: weight of each source row's distance to its own target row (paired)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +115,8 @@ def check_matched_only(cfg: RoundsConfig) -> None:
 def preset(schedule: str) -> RoundsConfig:
     """The defaults of a named schedule: the paper's (Adam 1e-4, 2 passes, last token) or ours."""
     if schedule == "paper":
-        return RoundsConfig(schedule="paper", rounds=20, lr=1e-4, reply_tokens=0)
+        return RoundsConfig(schedule="paper", rounds=20, lr=1e-4, reply_tokens=0, anchor="edited",
+                            mean_positions="pooled", pair_weight=0.0)
     if schedule == "matched":
         return RoundsConfig()
     raise ValueError(f"schedule= must be one of {SCHEDULES}; got {schedule!r}")

@@ -19,6 +19,7 @@ ablations" section of RESULTS.md, each with the command that measured it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -30,9 +31,9 @@ import _common
 import torch
 
 import are_lens
-from are_lens import Concept, edit, evaluate
+from are_lens import Concept, edit, evaluate, hook_names
 from are_lens.backends import backend_for
-from are_lens.rounds import gap_figures
+from are_lens.rounds import RoundsConfig, gap_figures, preset
 
 TONES = {
     "cheerful": " Answer in a very cheerful, happy, enthusiastic tone.",
@@ -59,6 +60,21 @@ def load_cached(folder: Path) -> are_lens.Edit | None:
         return None
 
 
+def trained_so(cached: are_lens.Edit, wanted: dict) -> bool:
+    """Whether a saved edit's config holds `wanted` (`trained_with`): an edit trained under an earlier
+    default or other reads is trained again."""
+    return {k: cached.config.get(k) for k in wanted} == wanted
+
+
+def trained_with(at: object, read: object, schedule: str, seed: int, options: dict) -> dict:
+    """What the Edit's config records for these edit() arguments (its schedule's preset with `options`), in
+    the JSON form a saved Edit reads back."""
+    fields = {f.name for f in dataclasses.fields(RoundsConfig)}
+    rounds = dataclasses.replace(preset(schedule), seed=seed, **{k: v for k, v in options.items() if k in fields})
+    return json.loads(json.dumps({"at": hook_names.normalize(at, "at"), "read": hook_names.normalize(read, "read"),
+                                  **{k: v for k, v in options.items() if k not in fields}, **rounds.to_dict()}))
+
+
 def gaps(result: are_lens.Edit) -> dict[str, float]:
     """Gap figures of the last round against round 0 (`rounds.gap_figures`), from the edit's saved
     last-token snapshots of the training split, the same for every edit whatever it was matched to:
@@ -82,7 +98,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--schedules", nargs="+", default=["matched", "paper"])
-    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.65, 0.8, 1.0])
+    parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0])
     parser.add_argument("--tones", nargs="+", default=None, help="which tones to edit (default: cheerful and the "
                         "negative tone the model follows best)")
     parser.add_argument("--set", nargs="+", default=[], metavar="OPTION=JSON",
@@ -90,7 +106,7 @@ def main() -> None:
     parser.add_argument("--source-suffix", default="", help="appended to the source prompts: a contrastive "
                         "source, e.g. ' Answer in a neutral, plain, matter-of-fact tone.' (default: plain prompts)")
     parser.add_argument("--at", type=int, nargs="+", default=None, help="edited blocks (default 6-9)")
-    parser.add_argument("--read", type=int, nargs="+", default=None, help="read blocks (default 10-14)")
+    parser.add_argument("--read", type=int, nargs="+", default=None, help="read blocks (default 14 18 22 26 29)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "are_lens" / "converge"))
     args = parser.parse_args()
@@ -104,7 +120,7 @@ def main() -> None:
     else:
         model = are_lens.load_model("smollm2-135m-instruct")
         train, held_out = alpaca(64, 30)
-        chat, at, read, tokens, budget = True, range(6, 10), range(10, 15), 48, {}
+        chat, at, read, tokens, budget = True, range(6, 10), (14, 18, 22, 26, 29), 48, {}
         tones = list(TONES)
     at, read = args.at or at, args.read or read
     if any("=" not in item for item in args.set):
@@ -135,7 +151,8 @@ def main() -> None:
             for seed in args.seeds:
                 folder = Path(args.out) / f"{tone}-{schedule}{variant}-{seed}{'-quick' if args.quick else ''}"
                 cached = load_cached(folder)
-                if cached is not None and cached.fingerprint == backend_for(model).fingerprint():
+                if (cached is not None and cached.fingerprint == backend_for(model).fingerprint()
+                        and trained_so(cached, trained_with(at, read, schedule, seed, {**budget, **extra}))):
                     result = cached  # trained by an earlier run on this model: evaluate it again
                 else:
                     result = edit(model, concept, at=at, read=read, schedule=schedule, seed=seed, strength=1.0,

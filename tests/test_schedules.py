@@ -38,10 +38,14 @@ def setup(random_bridge):
     return backend, Rows(rows, rows, rows, rows), [("blocks.1.hook_resid_post", adapter)]
 
 
+PLAIN = {"anchor": "edited", "mean_positions": "pooled", "pair_weight": 0.0}
+"""The matched schedule with one pooled mean term and no pair term: each test turns on the term it pins."""
+
+
 def phase(setup, lr=0.0, start_interventions=None, window=1, **changes):
     """One matched phase; `start` (the round-0 anchors) read under `start_interventions` (default: the edit's)."""
     backend, rows, interventions = setup
-    changes = {"batch_size": len(rows.train_source), **changes}
+    changes = {"batch_size": len(rows.train_source), **PLAIN, **changes}
     cfg = dataclasses.replace(preset("matched"), steps_per_round=3, **changes)
     anchors = interventions if start_interventions is None else start_interventions
     start = {part: joined(extract(backend, getattr(rows, part), READ, anchors, window, 16), READ)
@@ -132,7 +136,7 @@ def test_pair_term_is_each_rows_distance_to_its_twin_and_bounds_the_mean_term(se
     assert figures["pair_loss"] > figures["mean_loss"] > 0  # a mean's squared gap ≤ the mean squared gap
     parts = figures["adversarial_loss"] + figures["mean_loss"] + figures["pair_loss"]
     assert figures["adapter_loss"] == pytest.approx(parts, rel=1e-5)
-    assert phase(changed)[0]["pair_loss"] is None  # off by default
+    assert phase(changed)[0]["pair_loss"] is None  # off at weight 0: no partners gathered
 
 
 def test_gap_figures_see_an_edit_that_moves_every_prompt_alike():
@@ -173,7 +177,19 @@ def test_adapters_move_only_under_the_matched_loss(setup):
 def test_presets_differ_as_documented():
     paper, matched = preset("paper"), preset("matched")
     assert (paper.reply_tokens, paper.lr, paper.adapter_epochs) == (0, 1e-4, 2)
+    assert (paper.anchor, paper.pair_weight) == ("edited", 0.0)  # the matched-only terms off
     assert matched.reply_tokens == 16 and matched.schedule == "matched"
+    assert (matched.anchor, matched.mean_positions, matched.pair_weight) == ("start", "each", 1.0)
+
+
+def test_default_pair_term_is_on_for_paired_concepts_and_dropped_for_unpaired_ones(random_bridge):
+    kw = dict(at=[1], read=[2], rounds=1, steps_per_round=2, reply_tokens=2, d_epochs=2, progress=False)
+    paired = edit(random_bridge, Concept(sentences("sad", 8), sentences("happy", 8)), **kw)
+    assert paired.config["pair_weight"] == 1.0 and paired.history[0]["pair_loss"] > 0
+    unpaired = edit(random_bridge, Concept(sentences("sad", 8), sentences("happy", 6)), **kw)
+    assert unpaired.config["pair_weight"] == 0.0 and unpaired.history[0]["pair_loss"] is None
+    own = edit(random_bridge, Concept(sentences("sad", 8), sentences("happy", 8)), source_replies="own", **kw)
+    assert own.config["pair_weight"] == 0.0
 
 
 def test_matched_history_records_why_it_converged_or_not(random_bridge):
@@ -200,7 +216,7 @@ def test_anchored_edit_with_a_hold_term_records_it_and_moves_the_targets_less(ra
     concept = Concept(sentences("sad", 16), sentences("happy", 16))
     kw = dict(at=[1], read=[2], rounds=2, steps_per_round=4, reply_tokens=2, d_epochs=3, lr=1e-2, progress=False,
               stop_band=(0.001, 0.002))
-    free = edit(random_bridge, concept, **kw)
+    free = edit(random_bridge, concept, anchor="edited", **kw)
     held = edit(random_bridge, concept, anchor="start", hold_weight=5.0, **kw)
     assert held.config["anchor"] == "start" and held.history[0]["hold_loss"] > 0
     assert held.history[-1]["target_drift"] < free.history[-1]["target_drift"]
@@ -216,8 +232,8 @@ def test_fresh_discriminators_compare_the_target_rows_the_edit_is_matched_to():
     edited = {part: torch.full((2, 3), float(i)) for i, part in enumerate(
         ("train_source", "train_target", "test_source", "test_target"))}
     base = {part: -value for part, value in edited.items()}
-    assert compared(preset("matched"), edited, base) == edited
-    anchored = compared(dataclasses.replace(preset("matched"), anchor="start"), edited, base)
+    assert compared(dataclasses.replace(preset("matched"), anchor="edited"), edited, base) == edited
+    anchored = compared(preset("matched"), edited, base)  # anchor="start", the default
     assert anchored["train_source"] is edited["train_source"] and anchored["test_source"] is edited["test_source"]
     assert anchored["train_target"] is base["train_target"] and anchored["test_target"] is base["test_target"]
 
