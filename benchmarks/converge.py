@@ -7,7 +7,7 @@ Repetition-4 before/after at several generation strengths and instructed, Self-B
 (collapse across replies, which Repetition-4 misses), five before/after pairs; writes the table to
 benchmarks/RESULTS.md. Trained edits are cached in --out and re-evaluated on rerun.
 
-    python benchmarks/converge.py            # full run (48 min on 2 CPU cores; 12 min from cached edits)
+    python benchmarks/converge.py            # 12 min on 2 cores from cached edits; 13-14 min per new matched edit
     python benchmarks/converge.py --quick    # tiny model, seconds (a test runs this)
     python benchmarks/converge.py --tones gloomy --seeds 0 --set reply_tokens=0   # an ablation
 
