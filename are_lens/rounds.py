@@ -115,8 +115,8 @@ def check_matched_only(cfg: RoundsConfig) -> None:
 def preset(schedule: str) -> RoundsConfig:
     """The defaults of a named schedule: the paper's (Adam 1e-4, 2 passes, last token) or ours."""
     if schedule == "paper":
-        return RoundsConfig(schedule="paper", rounds=20, lr=1e-4, reply_tokens=0, anchor="edited",
-                            mean_positions="pooled", pair_weight=0.0)
+        off = {name: value for name, (_, value) in MATCHED_ONLY.items()}  # the matched schedule's terms
+        return RoundsConfig(schedule="paper", rounds=20, lr=1e-4, reply_tokens=0, mean_positions="pooled", **off)
     if schedule == "matched":
         return RoundsConfig()
     raise ValueError(f"schedule= must be one of {SCHEDULES}; got {schedule!r}")

@@ -60,19 +60,16 @@ def load_cached(folder: Path) -> are_lens.Edit | None:
         return None
 
 
-def trained_so(cached: are_lens.Edit, wanted: dict) -> bool:
-    """Whether a saved edit's config holds `wanted` (`trained_with`): an edit trained under an earlier
-    default or other reads is trained again."""
-    return {k: cached.config.get(k) for k in wanted} == wanted
-
-
-def trained_with(at: object, read: object, schedule: str, seed: int, options: dict) -> dict:
-    """What the Edit's config records for these edit() arguments (its schedule's preset with `options`), in
-    the JSON form a saved Edit reads back."""
+def trained_as_now(cached: are_lens.Edit, at: object, read: object, schedule: str, seed: int,
+                   options: dict) -> bool:
+    """Whether a saved edit's config records what edit() would train now with these arguments (the
+    schedule's preset with `options`): an edit trained under an earlier default or other reads is trained
+    again."""
     fields = {f.name for f in dataclasses.fields(RoundsConfig)}
     rounds = dataclasses.replace(preset(schedule), seed=seed, **{k: v for k, v in options.items() if k in fields})
-    return json.loads(json.dumps({"at": hook_names.normalize(at, "at"), "read": hook_names.normalize(read, "read"),
-                                  **{k: v for k, v in options.items() if k not in fields}, **rounds.to_dict()}))
+    wanted = json.loads(json.dumps({"at": hook_names.normalize(at, "at"), "read": hook_names.normalize(read, "read"),
+                                    **{k: v for k, v in options.items() if k not in fields}, **rounds.to_dict()}))
+    return {k: cached.config.get(k) for k in wanted} == wanted
 
 
 def gaps(result: are_lens.Edit) -> dict[str, float]:
@@ -152,7 +149,7 @@ def main() -> None:
                 folder = Path(args.out) / f"{tone}-{schedule}{variant}-{seed}{'-quick' if args.quick else ''}"
                 cached = load_cached(folder)
                 if (cached is not None and cached.fingerprint == backend_for(model).fingerprint()
-                        and trained_so(cached, trained_with(at, read, schedule, seed, {**budget, **extra}))):
+                        and trained_as_now(cached, at, read, schedule, seed, {**budget, **extra})):
                     result = cached  # trained by an earlier run on this model: evaluate it again
                 else:
                     result = edit(model, concept, at=at, read=read, schedule=schedule, seed=seed, strength=1.0,
