@@ -29,7 +29,9 @@ stops when that accuracy lies in the stop band. Otherwise the adapters train. Tw
 Every round's record also holds `kl_to_base`: the mean KL(base ‖ edited) of the next-token distributions
 over the window's real positions of the held-out target rows, measured with the other figures at the
 start of the round (so under the edit as all earlier rounds left it, at training strength 1; round 0 of a
-zero-initialised adapter gives 0, and the last record describes the returned edit).
+zero-initialised adapter gives 0, and the last record describes the returned edit), and
+`adapter_seconds`, the part of the round's `seconds` its adapter steps took (None when none ran): the rest
+is the round's measurement.
 """
 
 from __future__ import annotations
@@ -710,7 +712,9 @@ def run_rounds(
             record["adapters"] = layers.adapter_effects(interventions, state.base_source, per_stream["train_source"])
             record["kl_to_base"] = kl_to_base(backend, rows.test_target, interventions, rows.window, sizer, base)
             state.snapshots[r] = {"source": last["train_source"].cpu(), "target": edited_target.cpu()}
+            record["adapter_seconds"] = None
             if not record["converged"] and r < cfg.rounds:
+                measured = time.perf_counter()
                 if cfg.schedule == "paper":
                     record.update(paper_phase(backend, rows, read, interventions, state.disc, state.optimizer, cfg,
                                               state.generator, sizer))
@@ -724,6 +728,7 @@ def run_rounds(
                 _finite(record["adapter_loss"], r, "adapter")
                 if "warm_d_loss" in record:
                     _finite(record["warm_d_loss"], r, "warm discriminator")
+                record["adapter_seconds"] = time.perf_counter() - measured
             record["batch_size_used"] = sizer.size
             record["seconds"] = time.perf_counter() - start
             state.history.append(record)

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         sys.exit(f"{path} is absent: set ARE_LENS_SHARED to the shared data folder")
     return path
+
+
+def command() -> str:
+    """The command line that ran this benchmark, as RESULTS.md shows it."""
+    return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def machine() -> str:

@@ -18,7 +18,6 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -138,7 +137,7 @@ def main() -> None:
     figures = measure(layers, d, batch_size, seq, runs)
     setup = (f"random Llama {layers} layers d={d}, batch {batch_size} × {seq}, CPU ({platform.processor() or 'cpu'}, "
              f"{torch.get_num_threads()} threads), {runs} runs")
-    command = " ".join(["python benchmarks/backend_overhead.py", *sys.argv[1:]])
+    command = _common.command()
     section = report(figures, setup, command)
     print(section)
     if not args.quick:

@@ -22,9 +22,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import shlex
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import _common
@@ -50,6 +49,43 @@ def alpaca(n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
     val = json.loads(_common.shared("data", "refusal_direction", "splits", "harmless_val.json").read_text())
     short = [r["instruction"] for r in train if len(r["instruction"]) < 120]
     return short[:n_train], [r["instruction"] for r in val if len(r["instruction"]) < 120][:n_eval]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What every run edits and evaluates: the model, Alpaca instructions (training, held out), whether they
+    are chat prompts, the edited and read blocks, reply length in tokens, and edit() options (`--quick`'s
+    tiny budget)."""
+
+    model: object
+    train: list[str]
+    held_out: list[str]
+    chat: bool
+    at: Sequence[int]
+    read: Sequence[int]
+    tokens: int
+    budget: dict
+
+
+def workload(quick: bool) -> Workload:
+    """SmolLM2-135M-Instruct with 64 training and 30 held-out instructions, adapters at blocks 6-9, reads at
+    14-29, 48-token replies; `quick`: the tiny TinyStories model, a dozen prompts, one round of two steps."""
+    if quick:
+        tiny = are_lens.load_model(str(_common.shared("models", "tinystories-656k")))
+        return Workload(tiny, *alpaca(12, 3), chat=False, at=[0], read=[1], tokens=8,
+                        budget=dict(rounds=1, steps_per_round=2, reply_tokens=2))
+    return Workload(are_lens.load_model("smollm2-135m-instruct"), *alpaca(64, 30), chat=True, at=range(6, 10),
+                    read=(14, 18, 22, 26, 29), tokens=48, budget={})
+
+
+def steps(result: are_lens.Edit, concept: Concept) -> int:
+    """Adapter steps the edit took: `steps_per_round` per trained round (matched), or `adapter_epochs`
+    passes of `batch_size` rows over the training source prompts (paper)."""
+    config, trained = result.config, sum(1 for h in result.history if h["adapter_loss"] is not None)
+    if config["schedule"] == "matched":
+        return trained * config["steps_per_round"]
+    per_pass = -(-len(concept.split(config["seed"]).train_source) // config["batch_size"])
+    return trained * config["adapter_epochs"] * per_pass
 
 
 def load_cached(folder: Path) -> are_lens.Edit | None:
@@ -109,17 +145,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    if args.quick:
-        model = are_lens.load_model(str(_common.shared("models", "tinystories-656k")))
-        train, held_out = alpaca(12, 3)
-        chat, at, read, tokens, budget = False, [0], [1], 8, dict(rounds=1, steps_per_round=2, reply_tokens=2)
-        tones = ["cheerful", "sad"]
-    else:
-        model = are_lens.load_model("smollm2-135m-instruct")
-        train, held_out = alpaca(64, 30)
-        chat, at, read, tokens, budget = True, range(6, 10), (14, 18, 22, 26, 29), 48, {}
-        tones = list(TONES)
-    at, read = args.at or at, args.read or read
+    work = workload(args.quick)
+    model, train, held_out, chat, tokens, budget = (work.model, work.train, work.held_out, work.chat, work.tokens,
+                                                    work.budget)
+    tones = ["cheerful", "sad"] if args.quick else list(TONES)
+    at, read = args.at or work.at, args.read or work.read
     if any("=" not in item for item in args.set):
         parser.error(f"--set takes OPTION=JSON items, e.g. preserve_weight=1; got {args.set}")
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -158,12 +188,8 @@ def main() -> None:
                 seconds = sum(h["seconds"] for h in result.history)
                 last, first = result.history[-1], result.history[0]
                 after = {s: replies(held_out, result.scaled(s)) for s in args.strengths}
-                steps = sum(1 for h in result.history if h["adapter_loss"] is not None) * (
-                    result.config["steps_per_round"] if schedule == "matched" else
-                    result.config["adapter_epochs"]
-                    * -(-len(concept.split(seed).train_source) // result.config["batch_size"]))
                 row = {"tone": tone, "schedule": schedule + label,
-                       "seed": seed, "steps": steps, "seconds": seconds,
+                       "seed": seed, "steps": steps(result, concept), "seconds": seconds,
                        "fresh_d": last["fresh_d_accuracy"], "fresh_d_pooled": last.get("fresh_d_accuracy_pooled"),
                        "oracle_d": first["oracle_d_accuracy"], **gaps(result),
                        "base": score(base), "instructed": ceilings[tone],
@@ -180,15 +206,11 @@ def main() -> None:
     print(table(rows, ceilings, wall))
 
 
-def this_command() -> str:
-    return shlex.join(["python", "benchmarks/converge.py", *sys.argv[1:]])
-
-
 def ablations(rows: list[dict], out: Path, wall: float) -> str:
     """All ablation rows measured so far (kept in `out`/ablations.json, this run's replacing its own), with
     the command and machine that measured each."""
     store = out / "ablations.json"
-    command = f"`{this_command()}` — {_common.machine()}, wall {wall / 60:.1f} min"
+    command = f"`{_common.command()}` — {_common.machine()}, wall {wall / 60:.1f} min"
     saved = json.loads(store.read_text()) if store.exists() else []
     fresh = [{**r, "command": command} for r in rows]
     keys = {(r["tone"], r["schedule"], r["seed"]) for r in fresh}
@@ -239,7 +261,7 @@ def table(rows: list[dict], ceilings: dict, wall: float) -> str:
         f"* _{p['prompt']}_ — before: {p['before'][:120]!r}\n" + "\n".join(
             f"  * {r['tone']}, {r['schedule']}, seed {r['seed']}: {r['pairs'][i]['after'][:120]!r}" for r in runs)
         for i, p in enumerate(runs[0]["pairs"])) if rows else ""
-    return (f"`{this_command()}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
+    return (f"`{_common.command()}` — {_common.machine()}; wall time {wall / 60:.1f} min.\n\n"
             f"Instructed ceilings (mean VADER on the held-out prompts): {ceiling_line}.\n\n"
             + markdown_rows(rows) + f"\n\nReplies before and after (first seed, strongest strength):\n\n{pairs}\n")
 

@@ -33,7 +33,6 @@ import csv
 import dataclasses
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -543,7 +542,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(cache_dir() / "efficacy"))
     args = parser.parse_args()
     bench = Bench(args)
-    command = " ".join(["python benchmarks/efficacy.py", *sys.argv[1:]])
+    command = _common.command()
     for part in args.parts:
         started = time.perf_counter()
         rows = globals()[f"part_{part}"](bench)

@@ -27,7 +27,6 @@ import copy
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -290,7 +289,7 @@ def table(results: list[dict], wall: float) -> str:
                      f"{o['discriminator']:.2f} | {o['adapter']:.2f} | {r['are_lens_round_s']:.2f} | "
                      f"{r['reference_round_s']:.2f} | "
                      f"{r['speedup']:.1f}× | {r['achieved_flops']:.3g} | {share} | {r['peak_memory_gb']:.2f} |")
-    command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]])
+    command = _common.command()
     return (f"`{command}` — {_common.machine()}; wall time {wall / 60:.1f} min. are_lens: median "
             "of the repeats; reference: one run. Peak memory on CPU is the process's maximum RSS. Achieved FLOP/s "
             "is the round's arithmetic (forwards of the truncated model over every prompt, plus 3 forwards per "

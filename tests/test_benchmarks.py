@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("speed.py", "| Llama-2-7B-shaped (scaled down) | nnsight (prefix reused) | cpu |"),
     ("backend_overhead.py", "nnsight"),
     ("efficacy.py", "| attack | supervised LoRA → AdvBench 'Sure, here is' | held-out harmful |"),
+    ("edit_time.py", "| matched | 2 | 2 |"),
 ])
 def test_benchmark_quick_mode(script, expect, tmp_path):
     shared_path("data", "refusal_direction")

@@ -43,7 +43,9 @@ def test_history_records_every_round(trained):
         assert 0.0 <= record["fresh_d_accuracy"] <= 1.0
         assert record["d_loss"] >= 0 and record["seconds"] > 0
     assert all(r["adapter_loss"] is not None for r in trained.history[:-1])
+    assert all(0 < r["adapter_seconds"] < r["seconds"] for r in trained.history[:-1])  # steps within the round
     assert trained.history[-1]["adapter_loss"] is None  # the last round only measures
+    assert trained.history[-1]["adapter_seconds"] is None
     assert trained.hooks == ["blocks.1.hook_resid_post"]
     assert trained.config["read"] == ["blocks.2.hook_resid_post", "blocks.3.hook_resid_post"]
 
