@@ -12,8 +12,8 @@ benchmarks/RESULTS.md. Trained edits are cached in --out and re-evaluated on rer
     python benchmarks/converge.py --tones gloomy --seeds 0 --set reply_tokens=0   # an ablation
 
 Ablations (`--set OPTION=JSON` for edit() options, `--source-suffix` for a contrastive source set, `--at`/
-`--read` for other blocks) are cached and labelled separately; their rows gather in one "Convergence
-ablations" section of RESULTS.md, each with the command that measured it.
+`--read` for other blocks) are cached and labelled separately, each label naming its edited and read blocks;
+their rows gather in one "Convergence ablations" section of RESULTS.md, each with the command that measured it.
 """
 
 from __future__ import annotations
@@ -153,12 +153,13 @@ def main() -> None:
     if any("=" not in item for item in args.set):
         parser.error(f"--set takes OPTION=JSON items, e.g. preserve_weight=1; got {args.set}")
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    ablation = bool(extra or args.source_suffix or args.at or args.read)  # every ablation names its blocks
     variant = "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (
         f"-source{hashlib.sha256(args.source_suffix.encode()).hexdigest()[:8]}" if args.source_suffix else "") + (
-        f"-at{'_'.join(map(str, at))}-read{'_'.join(map(str, read))}" if args.at or args.read else "")
+        f"-at{'_'.join(map(str, at))}-read{'_'.join(map(str, read))}" if ablation else "")
     label = "".join(f", {k}={v}" for k, v in extra.items()) + (  # the variant as the table shows it
         f", source +{args.source_suffix!r}" if args.source_suffix else "") + (
-        f", at {list(at)} read {list(read)}" if args.at or args.read else "")
+        f", at {list(at)} read {list(read)}" if ablation else "")
 
     def replies(prompts: list[str], e: are_lens.Edit | None = None) -> list[str]:
         return evaluate.generate(model, prompts, edit=e, chat=chat, max_new_tokens=tokens, progress=False)
