@@ -22,7 +22,7 @@ from .ablation import load_ablation
 from .artifact import Edit
 
 ROUND_COLUMNS = ("round", "fresh_d_accuracy", "fresh_d_accuracy_pooled", "d_loss", "adapter_loss", "projection",
-                 "cosine", "mean_gap_left", "target_drift", "converged", "seconds")
+                 "cosine", "mean_gap_left", "target_drift", "converged", "seconds", "adapter_seconds")
 ABLATION_FIGURES = ("fresh_d_accuracy", "projection", "cosine", "mean_gap_left", "target_drift", "metric")
 
 _STYLE = """

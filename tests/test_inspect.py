@@ -116,6 +116,7 @@ def test_report_holds_the_tables_and_embedded_images(tmp_path, trained):
     assert "sad → happy" in page and "blocks.1.hook_resid_post" in page and "src=\"http" not in page
     assert page.count("<tr>") >= len(trained.history) + len(trained.layers()) + 4  # ablation: full, none, 2 variants
     assert "without blocks.1.hook_resid_post" in page and "only blocks.1.hook_resid_post" in page
+    assert "<th>adapter_seconds</th>" in page  # how each round's time splits between training and measuring
 
 
 def test_report_from_a_folder_picks_up_a_stored_ablation(tmp_path, trained):
