@@ -714,7 +714,7 @@ def run_rounds(
             state.snapshots[r] = {"source": last["train_source"].cpu(), "target": edited_target.cpu()}
             record["adapter_seconds"] = None
             if not record["converged"] and r < cfg.rounds:
-                measured = time.perf_counter()
+                phase_start = time.perf_counter()
                 if cfg.schedule == "paper":
                     record.update(paper_phase(backend, rows, read, interventions, state.disc, state.optimizer, cfg,
                                               state.generator, sizer))
@@ -728,7 +728,7 @@ def run_rounds(
                 _finite(record["adapter_loss"], r, "adapter")
                 if "warm_d_loss" in record:
                     _finite(record["warm_d_loss"], r, "warm discriminator")
-                record["adapter_seconds"] = time.perf_counter() - measured
+                record["adapter_seconds"] = time.perf_counter() - phase_start
             record["batch_size_used"] = sizer.size
             record["seconds"] = time.perf_counter() - start
             state.history.append(record)
