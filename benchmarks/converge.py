@@ -78,6 +78,12 @@ def workload(quick: bool) -> Workload:
                     read=(14, 18, 22, 26, 29), tokens=48, budget={})
 
 
+def tone_concept(work: Workload, tone: str, source_suffix: str = "") -> Concept:
+    """The training instructions (+ `source_suffix`) → the same with the tone request."""
+    return Concept([p + source_suffix for p in work.train], [p + TONES[tone] for p in work.train], chat=work.chat,
+                   name=tone)
+
+
 def steps(result: are_lens.Edit, concept: Concept) -> int:
     """Adapter steps the edit took: `steps_per_round` per trained round (matched), or `adapter_epochs`
     passes of `batch_size` rows over the training source prompts (paper)."""
@@ -146,8 +152,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     work = workload(args.quick)
-    model, train, held_out, chat, tokens, budget = (work.model, work.train, work.held_out, work.chat, work.tokens,
-                                                    work.budget)
+    model, held_out, chat, tokens, budget = work.model, work.held_out, work.chat, work.tokens, work.budget
     tones = ["cheerful", "sad"] if args.quick else list(TONES)
     at, read = args.at or work.at, args.read or work.read
     if any("=" not in item for item in args.set):
@@ -173,8 +178,7 @@ def main() -> None:
 
     rows = []
     for tone in args.tones or ("cheerful", negative):
-        concept = Concept([p + args.source_suffix for p in train], [p + TONES[tone] for p in train], chat=chat,
-                          name=tone)
+        concept = tone_concept(work, tone, args.source_suffix)
         for schedule in args.schedules:
             for seed in args.seeds:
                 folder = Path(args.out) / f"{tone}-{schedule}{variant}-{seed}{'-quick' if args.quick else ''}"

@@ -22,13 +22,12 @@ import _common
 import converge
 import torch
 
-from are_lens import Concept, edit
+from are_lens import edit
 
 
 def timed(schedule: str, options: dict, work: converge.Workload) -> dict:
     """One edit's wall time and its history's split of it."""
-    concept = Concept(work.train, [p + converge.TONES["cheerful"] for p in work.train], chat=work.chat,
-                      name="cheerful")
+    concept = converge.tone_concept(work, "cheerful")
     started = time.perf_counter()
     result = edit(work.model, concept, at=work.at, read=work.read, schedule=schedule, seed=0, progress=False,
                   **{**work.budget, **options})
