@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,10 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from are_lens import Concept, discriminators, edit
 from are_lens.adapters import LowRank
 from are_lens.backends import Backend, backend_for
-from are_lens.backends.nnsight import NNsightBackend
 from are_lens.backends.transformer_lens import TransformerLensBackend
 from are_lens.rounds import BatchSize, out_of_memory
-from conftest import sentences, word_tokenizer
+from conftest import random_llama, sentences, word_tokenizer
 
 FAST = dict(rounds=2, steps_per_round=3, d_epochs=4, hidden=32, progress=False)
 
@@ -142,15 +142,24 @@ def nnsight_llama(folder, n_layers=4, dtype=torch.float32):
     return hf, TransformersModel(hf, tokenizer=tokenizer)
 
 
-def test_a_cached_frozen_prefix_reads_what_a_full_forward_reads(tmp_path):
+def backend_over(kind: str, folder):
+    """A 4-block random Llama behind the named backend, and its HF decoder layer list."""
+    if kind == "nnsight":
+        hf, model = nnsight_llama(folder)
+        return backend_for(model), hf.model.layers
+    bridge = random_llama(folder)
+    return backend_for(bridge), bridge.original_model.model.layers
+
+
+@pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])
+def test_a_cached_frozen_prefix_reads_what_a_full_forward_reads(tmp_path, kind):
     """Blocks 0–1 run once per batch; reads and adapter gradients at blocks ≥ 2 match a full forward."""
-    hf, model = nnsight_llama(tmp_path)
-    backend = backend_for(model)
+    backend, hf_layers = backend_over(kind, tmp_path)
     rows = backend.tokenize(sentences("sad", 3) + ["the cat sat"])  # unequal lengths: left padding
     adapter = LowRank(64, 4)
     torch.nn.init.normal_(adapter.A)
     torch.nn.init.normal_(adapter.B, std=0.1)
-    interventions = [("blocks.2.hook_resid_pre", adapter), ("blocks.2.hook_resid_mid", LowRank(64, 2))]
+    interventions = [("blocks.2.hook_resid_pre", adapter), ("blocks.2.hook_attn_out", LowRank(64, 2))]
     streams = ["blocks.2.hook_resid_pre", "blocks.2.hook_attn_out", "blocks.3.hook_resid_post"]
 
     def run():
@@ -161,7 +170,7 @@ def test_a_cached_frozen_prefix_reads_what_a_full_forward_reads(tmp_path):
 
     full, full_grad = run()
     calls = []
-    hf.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(0))
+    hf_layers[0].register_forward_pre_hook(lambda *a: calls.append(0))
     with backend.reusing_prefix(2) as used:
         first, _ = run()
         second, grad = run()
@@ -176,9 +185,36 @@ def test_a_cached_frozen_prefix_reads_what_a_full_forward_reads(tmp_path):
     assert backend._prefixes is None  # dropped when the block closes
 
 
-def test_an_edit_with_the_cached_prefix_is_the_edit_without_it(tmp_path, concept, monkeypatch):
-    _, model = nnsight_llama(tmp_path)
+@pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_reading_the_last_block_runs_neither_the_final_norm_nor_the_lm_head(tmp_path, kind, prefix):
+    """The read ends with the last stream (the LM head is 8 blocks' worth of arithmetic on SmolLM2)."""
+    backend, hf_layers = backend_over(kind, tmp_path)
+    hf = backend.module if kind == "nnsight" else backend.model.original_model
+    ran = []
+    for module in (hf.model.norm, hf.lm_head, hf_layers[3]):
+        module.register_forward_hook(lambda module, *a: ran.append(module))
+    batch = backend.batch(backend.tokenize(sentences("sad", 2)))
+    with backend.reusing_prefix(prefix), torch.no_grad():
+        out = backend.read(batch, ["blocks.3.hook_resid_post", "blocks.2.hook_resid_post"])
+        reference = backend.logits(batch)
+    assert ran[0] is hf_layers[3] and ran.count(hf.lm_head) == 1  # once: the logits call
+    assert out["blocks.3.hook_resid_post"].shape == (*batch.input_ids.shape, 64)
+    assert reference.shape[-1] == hf.lm_head.out_features
+
+
+@pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])
+def test_an_edit_with_the_cached_prefix_is_the_edit_without_it(tmp_path, concept, monkeypatch, kind):
+    backend, _ = backend_over(kind, tmp_path)
     run = dict(at=[2], read=[3], batch_size=8, stop_band=(0.0, 0.01), lr=1e-2, reply_tokens=2, **FAST)
-    cached = edit(model, concept, **run)
-    monkeypatch.setattr(NNsightBackend, "reusing_prefix", Backend.reusing_prefix)
-    assert_same_edit(cached, edit(model, concept, **run))
+    cached = edit(backend.model, concept, **run)
+    used = []
+
+    @contextmanager
+    def no_reuse(self, start):
+        used.append(start)
+        yield False
+
+    monkeypatch.setattr(Backend, "reusing_prefix", no_reuse)
+    assert_same_edit(cached, edit(backend.model, concept, **run))
+    assert used == [2]  # the edit asked for blocks 0-1 to be cached, and this run refused

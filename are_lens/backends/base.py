@@ -65,6 +65,19 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
+@dataclass
+class _Prefix:
+    """The input of block `start` for one batch, and the other arguments the model passed blocks
+    `start`…`stop - 1` (attention mask, rotary embeddings, positions), captured from one forward."""
+
+    hidden: Tensor
+    calls: list[tuple[tuple, dict]]
+
+
+class _Captured(Exception):
+    """Ends the capturing forward once the last needed block's arguments are known."""
+
+
 class Backend(ABC):
     """One host library's way of running a causal LM with named interventions."""
 
@@ -74,6 +87,8 @@ class Backend(ABC):
     n_layers: int
     d_model: int
     n_ctx: int | None
+    _prefixes: dict[tuple, _Prefix] | None = None  # see `reusing_prefix`
+    _prefix_start: int = 0
 
     # -- what the model is -------------------------------------------------------------------
     @abstractmethod
@@ -156,13 +171,72 @@ class Backend(ABC):
         padded = left_pad(rows, self.pad_id)
         return Batch(padded.input_ids, padded.attention_mask, tuple(map(tuple, rows))).to(self.device)
 
+    @abstractmethod
+    def blocks(self) -> nn.ModuleList:
+        """The modules the model's forward calls once per block, in order (a cached prefix resumes there)."""
+
+    @abstractmethod
+    def forward_without_cache(self, batch: Batch) -> None:
+        """One plain forward of `batch` (no KV cache), for hooks on `blocks()` to capture its arguments."""
+
     @contextmanager
     def reusing_prefix(self, start: int) -> Iterator[bool]:
         """While open, `read` may keep the input of block `start` per batch (`Batch.key`) and run only the
         blocks from `start` on when every intervention and read stream lies at or after it: the frozen
-        blocks before it give the same output every time. Yields whether this backend does so (the base
-        class does not; the model must stay frozen while the block is open)."""
-        yield False
+        blocks before it give the same output every time. Yields whether it does (not for `start` 0);
+        the model must stay frozen while the block is open."""
+        if start <= 0:
+            yield False
+            return
+        self._prefixes, self._prefix_start = {}, start
+        try:
+            yield True
+        finally:
+            self._prefixes = None
+
+    def from_prefix(self, batch: Batch, names: Sequence[str]) -> bool:
+        """Whether a `read` of `batch` touching only the hooks `names` may run from the cached prefix."""
+        layers = [hook_names.layer_of(name) for name in names]
+        return (getattr(self, "_prefixes", None) is not None and batch.key is not None
+                and all(layer is not None and layer >= self._prefix_start for layer in layers))
+
+    def run_from_prefix(self, batch: Batch, stop: int, hooks: AbstractContextManager) -> None:
+        """Blocks `start`…`stop - 1` on the cached input of block `start`, inside `hooks` (the caller's
+        interventions and reads; entered only after the prefix is captured, so its forward runs without them)."""
+        prefix = self._prefix(batch, stop)
+        blocks = self.blocks()
+        hidden = prefix.hidden
+        with hooks:
+            for layer, (args, kwargs) in zip(range(self._prefix_start, stop), prefix.calls):
+                output = blocks[layer](hidden, *args, **kwargs)
+                hidden = output[0] if isinstance(output, tuple) else output
+
+    def _prefix(self, batch: Batch, stop: int) -> _Prefix:
+        """Block `start`'s input and the arguments of blocks `start`…`stop - 1`, from one forward (cached)."""
+        start, key = self._prefix_start, (batch.key, stop)
+        if key not in self._prefixes:
+            blocks = self.blocks()
+            calls: list[tuple[tuple, dict]] = []
+            hidden: list[Tensor] = []
+
+            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                rest = dict(kwargs)
+                hidden.append(args[0] if args else rest.pop("hidden_states"))
+                calls.append((tuple(args[1:]), rest))
+                if len(calls) == stop - start:
+                    raise _Captured
+
+            handles = [blocks[i].register_forward_pre_hook(capture, with_kwargs=True) for i in range(start, stop)]
+            try:
+                with torch.no_grad():
+                    self.forward_without_cache(batch)
+            except _Captured:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._prefixes[key] = _Prefix(hidden[0], calls)
+        return self._prefixes[key]
 
     @abstractmethod
     def intervene(self, interventions: Interventions) -> AbstractContextManager[None]:

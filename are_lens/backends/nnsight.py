@@ -97,19 +97,6 @@ def _output_hook(step: _Step, seen: dict, saved: dict) -> Callable:
     return hook
 
 
-@dataclass
-class _Prefix:
-    """The input of block `start` for one batch, and the other arguments the model passed blocks
-    `start`…`stop - 1` (attention mask, rotary embeddings, positions), captured from one forward."""
-
-    hidden: Tensor
-    calls: list[tuple[tuple, dict]]
-
-
-class _Captured(Exception):
-    """Ends the capturing forward once the last needed block's arguments are known."""
-
-
 def positions(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     """Index of each real token among the real tokens of its row; pads get 0 (as the TL bridge does)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -127,8 +114,6 @@ class NNsightBackend(Backend):
         n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.n_ctx = int(n_ctx) if n_ctx else None
         self._sites = self.family.all_sites(self.n_layers, config)
-        self._prefixes: dict[tuple, _Prefix] | None = None  # see `reusing_prefix`
-        self._prefix_start = 0
 
     def hook_names(self) -> list[str]:
         return list(self._sites)
@@ -207,49 +192,11 @@ class NNsightBackend(Backend):
                 handle.remove()
             seen.clear()
 
-    @contextmanager
-    def reusing_prefix(self, start: int) -> Iterator[bool]:
-        if start <= 0:
-            yield False
-            return
-        self._prefixes, self._prefix_start = {}, start
-        try:
-            yield True
-        finally:
-            self._prefixes = None
+    def blocks(self) -> nn.ModuleList:
+        return self.module.get_submodule(self.family.blocks)
 
-    def _prefix(self, batch: Batch, stop: int) -> _Prefix:
-        """Block `start`'s input and the arguments of blocks `start`…`stop - 1`, from one forward (cached)."""
-        start, key = self._prefix_start, (batch.key, stop)
-        if key not in self._prefixes:
-            layers = self.module.get_submodule(self.family.blocks)
-            calls: list[tuple[tuple, dict]] = []
-            hidden: list[Tensor] = []
-
-            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                rest = dict(kwargs)
-                hidden.append(args[0] if args else rest.pop("hidden_states"))
-                calls.append((tuple(args[1:]), rest))
-                if len(calls) == stop - start:
-                    raise _Captured
-
-            handles = [layers[i].register_forward_pre_hook(capture, with_kwargs=True) for i in range(start, stop)]
-            try:
-                with torch.no_grad():
-                    self.module(**self._inputs(batch), use_cache=False)
-            except _Captured:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            self._prefixes[key] = _Prefix(hidden[0], calls)
-        return self._prefixes[key]
-
-    def _from_prefix(self, batch: Batch, streams: Sequence[str], interventions: Interventions) -> bool:
-        names = [*streams, *(name for name, _ in interventions)]
-        layers = [hook_names.layer_of(name) for name in names]
-        return (self._prefixes is not None and batch.key is not None
-                and all(layer is not None and layer >= self._prefix_start for layer in layers))
+    def forward_without_cache(self, batch: Batch) -> None:
+        self.module(**self._inputs(batch), use_cache=False)
 
     def read(
         self, batch: Batch, streams: Sequence[str], interventions: Interventions = ()
@@ -257,8 +204,10 @@ class NNsightBackend(Backend):
         if not streams:
             raise ValueError("streams= is empty; name at least one hook to read")
         steps = self._plan(interventions, streams)
-        if self._from_prefix(batch, streams, interventions):
-            return self._read_from_prefix(batch, streams, steps)
+        if self.from_prefix(batch, [*streams, *(name for name, _ in interventions)]):
+            saved: dict[str, Tensor] = {}
+            self.run_from_prefix(batch, self.stop_layer(streams) or self.n_layers, self._hooks(steps, saved))
+            return {name: saved[name] for name in streams}
         last = max(i for i, step in enumerate(steps) if step.reads)
         steps = steps[: last + 1]  # interventions past the last read cannot change it
         seen: dict[tuple[str, Side], Tensor] = {}
@@ -273,19 +222,6 @@ class NNsightBackend(Backend):
                 elif step.writes:
                     envoy.output = _with_first(raw, value)
             tracer.stop()
-        return {name: saved[name] for name in streams}
-
-    def _read_from_prefix(self, batch: Batch, streams: Sequence[str], steps: list[_Step]
-                          ) -> dict[str, Float[Tensor, "batch pos d"]]:
-        """`read` running only blocks `start`…(last read) on the cached input of block `start`."""
-        stop = self.stop_layer(streams) or self.n_layers
-        prefix = self._prefix(batch, stop)
-        layers = self.module.get_submodule(self.family.blocks)
-        saved: dict[str, Tensor] = {}
-        with self._hooks(steps, saved):
-            hidden = prefix.hidden
-            for layer, (args, kwargs) in zip(range(self._prefix_start, stop), prefix.calls):
-                hidden = _first(layers[layer](hidden, *args, **kwargs))
         return {name: saved[name] for name in streams}
 
     def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:

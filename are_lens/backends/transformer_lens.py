@@ -1,4 +1,10 @@
-"""TransformerLens 4.x backend: a `TransformerBridge`, hooks by name, `stop_at_layer` truncation."""
+"""TransformerLens 4.x backend: a `TransformerBridge`, hooks by name.
+
+`read` ends the forward as soon as every read stream is captured (a private exception from the last
+capture hook), so later blocks, the final norm and the LM head never run — the bridge's `stop_at_layer`
+cannot stop after the last block. It runs without a KV cache, which the bridge would otherwise build on
+every forward.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .base import Backend, Batch, Interventions
+
+
+class _AllRead(Exception):
+    """Ends a `read` forward once every stream is captured."""
 
 
 def _apply(module: nn.Module):
@@ -58,6 +68,13 @@ class TransformerLensBackend(Backend):
     def architecture(self) -> str:
         return str(self.model.cfg.architecture)
 
+    def blocks(self) -> nn.ModuleList:
+        """The bridge's block components (they stand in the HF model's layer list and run its hooks)."""
+        return self.model.blocks
+
+    def forward_without_cache(self, batch: Batch) -> None:
+        self.model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
     @contextmanager
     def intervene(self, interventions: Interventions) -> Iterator[None]:
         """Install the interventions as TransformerLens hooks; `bridge.hooks` removes them on any exit."""
@@ -67,21 +84,26 @@ class TransformerLensBackend(Backend):
     def read(
         self, batch: Batch, streams: Sequence[str], interventions: Interventions = ()
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
+        wanted = list(dict.fromkeys(streams))
         captured: dict[str, Tensor] = {}
 
         def capture(name: str):
             def hook(activation: Tensor, hook: object) -> None:
                 captured[name] = activation
+                if len(captured) == len(wanted):
+                    raise _AllRead
 
             return hook
 
-        fwd = _writes(interventions) + [(name, capture(name)) for name in streams]
-        with self.model.hooks(fwd_hooks=fwd):
-            self.model(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                stop_at_layer=self.stop_layer(streams),
-            )
+        hooks = self.model.hooks(fwd_hooks=_writes(interventions) + [(name, capture(name)) for name in wanted])
+        try:
+            if self.from_prefix(batch, [*wanted, *(name for name, _ in interventions)]):
+                self.run_from_prefix(batch, self.stop_layer(wanted) or self.n_layers, hooks)
+            else:
+                with hooks:
+                    self.model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except _AllRead:
+            pass
         return {name: captured[name] for name in streams}
 
     def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:
