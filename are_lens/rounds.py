@@ -201,8 +201,8 @@ def window_features(
     window: int,
 ) -> Float[Tensor, "batch window features"]:
     """R(x) at the last `window` positions: the read streams concatenated in `read` order."""
-    streams = backend.read(backend.batch(rows), read, interventions)
-    return torch.cat([streams[name][:, -window:, :] for name in read], dim=-1)
+    streams = backend.read(backend.batch(rows), read, interventions, last=window)
+    return torch.cat([streams[name] for name in read], dim=-1)
 
 
 @torch.no_grad()
@@ -215,8 +215,8 @@ def extract(
     out = {name: [None] * len(rows) for name in streams}
 
     def read(idx: Sequence[int]) -> dict[str, Tensor]:
-        values = backend.read(backend.batch([rows[i] for i in idx]), streams, interventions)
-        return {name: values[name][:, -window:, :].float() for name in streams}
+        values = backend.read(backend.batch([rows[i] for i in idx]), streams, interventions, last=window)
+        return {name: values[name].float() for name in streams}
 
     for bucket in buckets(rows, sizer.size):
         for idx, values in sizer.map(bucket, read):

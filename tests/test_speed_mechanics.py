@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from are_lens import Concept, discriminators, edit
 from are_lens.adapters import LowRank
 from are_lens.backends import Backend, backend_for
+from are_lens.backends.base import shared_length
 from are_lens.backends.transformer_lens import TransformerLensBackend
 from are_lens.rounds import BatchSize, out_of_memory
 from conftest import random_llama, sentences, word_tokenizer
@@ -169,20 +170,63 @@ def test_a_cached_frozen_prefix_reads_what_a_full_forward_reads(tmp_path, kind):
         return {k: v.detach() for k, v in out.items()}, adapter.B.grad.clone()
 
     full, full_grad = run()
-    calls = []
+    with torch.no_grad():
+        other_full = backend.read(backend.batch(rows[:2]), streams, interventions)
+    calls, later = [], []
     hf_layers[0].register_forward_pre_hook(lambda *a: calls.append(0))
+    hf_layers[3].register_forward_pre_hook(lambda *a: later.append(0))
     with backend.reusing_prefix(2) as used:
         first, _ = run()
         second, grad = run()
-        assert used and len(calls) == 1  # block 0 ran for the first read only
+        assert used and len(calls) == 1 and len(later) == 3  # block 0 ran for the first read only
+        assert backend._same_calls  # Llama passes every block the same mask and rotary embeddings, so …
+        with torch.no_grad():
+            other = backend.read(backend.batch(rows[:2]), streams, interventions)
+        assert len(calls) == 2 and len(later) == 4  # … a new batch's capture stops before block 2
         with torch.no_grad():  # a stream before the prefix falls back to a full forward
             early = backend.read(backend.batch(rows), ["blocks.1.hook_resid_post"])
+    for name in streams:
+        torch.testing.assert_close(other[name], other_full[name], rtol=0, atol=1e-5)
     for name in streams:
         torch.testing.assert_close(first[name], full[name], rtol=0, atol=1e-5)
         torch.testing.assert_close(second[name], full[name], rtol=0, atol=1e-5)
     torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-5)
-    assert early["blocks.1.hook_resid_post"].shape == full[streams[0]].shape and len(calls) == 2
+    assert early["blocks.1.hook_resid_post"].shape == full[streams[0]].shape and len(calls) == 3
     assert backend._prefixes is None  # dropped when the block closes
+
+
+@pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])
+def test_tokens_every_row_shares_run_once_and_the_last_positions_read_the_same(tmp_path, kind):
+    """A chat template's system prompt is in every row: with `last`, it runs as one row that the others
+    attend to (through a KV cache), and the positions read and the adapters' gradients are a full forward's."""
+    backend, hf_layers = backend_over(kind, tmp_path)
+    preamble = "once upon a time the cat sat and was very "
+    rows = backend.tokenize([preamble + s for s in sentences("sad", 3)] + [preamble + "happy"])
+    assert shared_length(rows) == 11 and sorted(map(len, rows)) == [12, 22, 22, 22]
+    adapter = LowRank(64, 4)
+    torch.nn.init.normal_(adapter.A)
+    torch.nn.init.normal_(adapter.B, std=0.1)
+    interventions = [("blocks.2.hook_resid_pre", adapter), ("blocks.3.hook_attn_out", LowRank(64, 2))]
+    streams = ["blocks.2.hook_resid_pre", "blocks.3.hook_resid_post"]
+
+    def run():
+        out = backend.read(backend.batch(rows), streams, interventions, last=3)
+        adapter.B.grad = None
+        sum(v.pow(2).sum() for v in out.values()).backward()
+        return {k: v.detach() for k, v in out.items()}, adapter.B.grad.clone()
+
+    full, full_grad = run()
+    widths = []
+    hf_layers[2].register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True)
+    with backend.reusing_prefix(2):
+        cached, grad = run()
+    assert widths[-2:] == [(1, 9), (4, 13)]  # 9 shared tokens (3 are read from the shortest row), then the rest
+    for name in streams:
+        assert full[name].shape == (4, 3, 64)
+        torch.testing.assert_close(cached[name], full[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
@@ -65,17 +65,46 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
+SHARED_TOKENS_MIN = 8
+"""Leading tokens that every row of a batch shares (a chat template's system prompt) run once, as one row
+whose keys and values the rows attend to, when there are at least this many (see `Backend.read`'s `last`)."""
+
+
 @dataclass
 class _Prefix:
     """The input of block `start` for one batch, and the other arguments the model passed blocks
-    `start`…`stop - 1` (attention mask, rotary embeddings, positions), captured from one forward."""
+    `start`…`stop - 1` (attention mask, rotary embeddings, positions), captured from one forward.
+
+    With `shared`, `hidden` and `calls` are the rows without their shared leading tokens, captured attending
+    to them through a KV cache; `shared` holds the same for those tokens as one row, and `keys_before` their
+    keys and values in the blocks before `start` (frozen, so fixed)."""
 
     hidden: Tensor
     calls: list[tuple[tuple, dict]]
+    shared: _Prefix | None = None
+    keys_before: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
 class _Captured(Exception):
     """Ends the capturing forward once the last needed block's arguments are known."""
+
+
+def _same_call(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two blocks were called with the very same argument objects (besides their input)."""
+    return (len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1].keys() == b[1].keys()
+            and all(a[1][k] is b[1][k] for k in a[1]))
+
+
+def _without_cache(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    return [(args, {**kwargs, "past_key_values": None}) for args, kwargs in calls]
+
+
+def shared_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all `rows` have in common."""
+    first, n = rows[0], min(len(row) for row in rows)
+    for row in rows[1:]:
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    return n
 
 
 class Backend(ABC):
@@ -89,6 +118,7 @@ class Backend(ABC):
     n_ctx: int | None
     _prefixes: dict[tuple, _Prefix] | None = None  # see `reusing_prefix`
     _prefix_start: int = 0
+    _same_calls: bool | None = None  # whether the model passes every block the same arguments (`_capture`)
 
     # -- what the model is -------------------------------------------------------------------
     @abstractmethod
@@ -176,8 +206,9 @@ class Backend(ABC):
         """The modules the model's forward calls once per block, in order (a cached prefix resumes there)."""
 
     @abstractmethod
-    def forward_without_cache(self, batch: Batch) -> None:
-        """One plain forward of `batch` (no KV cache), for hooks on `blocks()` to capture its arguments."""
+    def forward_for_capture(self, input_ids: Tensor, attention_mask: Tensor, past: object | None) -> None:
+        """One forward of left-padded `input_ids` for hooks on `blocks()` to capture its arguments: without a
+        KV cache, or attending to the HF cache `past` (then `attention_mask` covers its positions too)."""
 
     @contextmanager
     def reusing_prefix(self, start: int) -> Iterator[bool]:
@@ -188,11 +219,11 @@ class Backend(ABC):
         if start <= 0:
             yield False
             return
-        self._prefixes, self._prefix_start = {}, start
+        self._prefixes, self._prefix_start, self._same_calls = {}, start, None
         try:
             yield True
         finally:
-            self._prefixes = None
+            self._prefixes, self._same_calls = None, None
 
     def from_prefix(self, batch: Batch, names: Sequence[str]) -> bool:
         """Whether a `read` of `batch` touching only the hooks `names` may run from the cached prefix."""
@@ -200,43 +231,103 @@ class Backend(ABC):
         return (getattr(self, "_prefixes", None) is not None and batch.key is not None
                 and all(layer is not None and layer >= self._prefix_start for layer in layers))
 
-    def run_from_prefix(self, batch: Batch, stop: int, hooks: AbstractContextManager) -> None:
-        """Blocks `start`…`stop - 1` on the cached input of block `start`, inside `hooks` (the caller's
-        interventions and reads; entered only after the prefix is captured, so its forward runs without them)."""
-        prefix = self._prefix(batch, stop)
+    def run_from_prefix(self, batch: Batch, stop: int, hooks: Callable[[bool], AbstractContextManager],
+                        last: int | None = None) -> None:
+        """Blocks `start`…`stop - 1` on the cached input of block `start`, inside `hooks(True)` (the caller's
+        interventions and reads; entered only after the prefix is captured, so its forward runs without them).
+
+        With `last` (only the last `last` positions are wanted) and at least `SHARED_TOKENS_MIN` leading
+        tokens shared by every row before them, those tokens run once per block as one row, inside
+        `hooks(False)` (the interventions without the reads: the edit applies to them too), and every row
+        attends to their keys and values: the same arithmetic for the positions read, on fewer tokens.
+        The hooks then see the rows without the shared tokens, so a read holds only later positions."""
+        prefix = self._prefix(batch, stop, last)
+        if prefix.shared is None:
+            with hooks(True):
+                self._run_blocks(prefix, stop)
+            return
+        from transformers import DynamicCache
+
+        collected = DynamicCache()
+        with hooks(False):
+            self._run_blocks(prefix.shared, stop, collected)
+        keys = prefix.keys_before + [(layer.keys, layer.values) for layer in collected.layers[self._prefix_start:stop]]
+        rows = len(prefix.hidden)
+        past = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in keys])
+        with hooks(True):
+            self._run_blocks(prefix, stop, past)
+
+    def _run_blocks(self, prefix: _Prefix, stop: int, past: object | None = None) -> None:
         blocks = self.blocks()
         hidden = prefix.hidden
-        with hooks:
-            for layer, (args, kwargs) in zip(range(self._prefix_start, stop), prefix.calls):
-                output = blocks[layer](hidden, *args, **kwargs)
-                hidden = output[0] if isinstance(output, tuple) else output
+        for layer, (args, kwargs) in zip(range(self._prefix_start, stop), prefix.calls):
+            output = blocks[layer](hidden, *args, **(kwargs if past is None else {**kwargs, "past_key_values": past}))
+            hidden = output[0] if isinstance(output, tuple) else output
 
-    def _prefix(self, batch: Batch, stop: int) -> _Prefix:
-        """Block `start`'s input and the arguments of blocks `start`…`stop - 1`, from one forward (cached)."""
-        start, key = self._prefix_start, (batch.key, stop)
+    def _prefix(self, batch: Batch, stop: int, last: int | None) -> _Prefix:
+        """Block `start`'s input and the arguments of blocks `start`…`stop - 1`, from one forward (cached);
+        the shared leading tokens apart when `last` allows it (`run_from_prefix`)."""
+        rows = batch.key
+        shared = 0 if last is None or len(rows) < 2 else min(shared_length(rows), min(map(len, rows)) - last)
+        key = (rows, stop, shared >= SHARED_TOKENS_MIN)
         if key not in self._prefixes:
-            blocks = self.blocks()
-            calls: list[tuple[tuple, dict]] = []
-            hidden: list[Tensor] = []
-
-            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                rest = dict(kwargs)
-                hidden.append(args[0] if args else rest.pop("hidden_states"))
-                calls.append((tuple(args[1:]), rest))
-                if len(calls) == stop - start:
-                    raise _Captured
-
-            handles = [blocks[i].register_forward_pre_hook(capture, with_kwargs=True) for i in range(start, stop)]
-            try:
-                with torch.no_grad():
-                    self.forward_without_cache(batch)
-            except _Captured:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            self._prefixes[key] = _Prefix(hidden[0], calls)
+            self._prefixes[key] = (self._split_prefix(rows, stop, shared) if key[-1] else None) or _Prefix(
+                *self._capture(batch.input_ids, batch.attention_mask, stop))
         return self._prefixes[key]
+
+    def _split_prefix(self, rows: tuple, stop: int, shared: int) -> _Prefix | None:
+        """The `_Prefix` with the first `shared` tokens apart, or None when the model's blocks do not take
+        their KV cache as the keyword `past_key_values` (then it cannot be swapped in)."""
+        from transformers import DynamicCache
+
+        head = torch.tensor([rows[0][:shared]], device=self.device)
+        collected = DynamicCache()
+        head_prefix = _Prefix(*self._capture(head, torch.ones_like(head), stop, collected))
+        tail = self.batch([row[shared:] for row in rows])
+        mask = torch.cat([torch.ones((len(rows), shared), dtype=tail.attention_mask.dtype, device=self.device),
+                          tail.attention_mask], dim=1)
+        filled = [layer for layer in collected.layers if getattr(layer, "is_initialized", False)]
+        past = DynamicCache([(layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1))
+                             for layer in filled])
+        hidden, calls = self._capture(tail.input_ids, mask, stop, past)
+        takes_cache = all(kwargs.get("past_key_values") is collected for _, kwargs in head_prefix.calls) and all(
+            kwargs.get("past_key_values") is past for _, kwargs in calls)
+        if not takes_cache:
+            return None
+        before = [(layer.keys, layer.values) for layer in filled[: self._prefix_start]]
+        head_prefix.calls = _without_cache(head_prefix.calls)  # swapped in per run; the capture's is dropped
+        return _Prefix(hidden, _without_cache(calls), head_prefix, before)
+
+    def _capture(self, input_ids: Tensor, attention_mask: Tensor, stop: int, past: object | None = None
+                 ) -> tuple[Tensor, list[tuple[tuple, dict]]]:
+        """Block `start`'s input and the arguments of blocks `start`…`stop - 1`, from one gradient-free
+        forward of `input_ids` (attending to `past`'s keys when given) that ends before block `stop - 1` runs
+        — or before block `start` runs, once a capture has shown the model passing every block the same
+        arguments (computed once before its block loop, as Llama does; not so where blocks alternate masks)."""
+        start, blocks = self._prefix_start, self.blocks()
+        needed = 1 if self._same_calls else stop - start
+        calls: list[tuple[tuple, dict]] = []
+        hidden: list[Tensor] = []
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            rest = dict(kwargs)
+            hidden.append(args[0] if args else rest.pop("hidden_states"))
+            calls.append((tuple(args[1:]), rest))
+            if len(calls) == needed:
+                raise _Captured
+
+        handles = [blocks[i].register_forward_pre_hook(capture, with_kwargs=True) for i in range(start, start + needed)]
+        try:
+            with torch.no_grad():
+                self.forward_for_capture(input_ids, attention_mask, past)
+        except _Captured:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if needed > 1:
+            self._same_calls = all(_same_call(call, calls[0]) for call in calls[1:])
+        return hidden[0], calls * (stop - start) if needed == 1 else calls
 
     @abstractmethod
     def intervene(self, interventions: Interventions) -> AbstractContextManager[None]:
@@ -244,11 +335,13 @@ class Backend(ABC):
 
     @abstractmethod
     def read(
-        self, batch: Batch, streams: Sequence[str], interventions: Interventions = ()
+        self, batch: Batch, streams: Sequence[str], interventions: Interventions = (), last: int | None = None
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
         """The named streams under the interventions; the forward stops after the last one.
 
-        Gradients flow to the interventions when grad mode is on; the LM head never runs.
+        Gradients flow to the interventions when grad mode is on; the LM head never runs. `last`: only the
+        last `last` positions are returned (inside `reusing_prefix`, tokens every row shares before them may
+        then run once for the batch).
         """
 
     @abstractmethod

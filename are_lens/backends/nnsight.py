@@ -195,21 +195,24 @@ class NNsightBackend(Backend):
     def blocks(self) -> nn.ModuleList:
         return self.module.get_submodule(self.family.blocks)
 
-    def forward_without_cache(self, batch: Batch) -> None:
-        self.module(**self._inputs(batch), use_cache=False)
+    def forward_for_capture(self, input_ids: Tensor, attention_mask: Tensor, past: object | None) -> None:
+        self.module(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
+                    position_ids=positions(attention_mask)[:, -input_ids.shape[1]:], use_cache=past is not None)
 
     def read(
-        self, batch: Batch, streams: Sequence[str], interventions: Interventions = ()
+        self, batch: Batch, streams: Sequence[str], interventions: Interventions = (), last: int | None = None
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
         if not streams:
             raise ValueError("streams= is empty; name at least one hook to read")
         steps = self._plan(interventions, streams)
         if self.from_prefix(batch, [*streams, *(name for name, _ in interventions)]):
             saved: dict[str, Tensor] = {}
-            self.run_from_prefix(batch, self.stop_layer(streams) or self.n_layers, self._hooks(steps, saved))
-            return {name: saved[name] for name in streams}
-        last = max(i for i, step in enumerate(steps) if step.reads)
-        steps = steps[: last + 1]  # interventions past the last read cannot change it
+            writes = self._plan(interventions)
+            self.run_from_prefix(batch, self.stop_layer(streams) or self.n_layers,
+                                 lambda reading: self._hooks(steps if reading else writes, saved), last)
+            return {name: saved[name][:, -(last or 0):] for name in streams}
+        final = max(i for i, step in enumerate(steps) if step.reads)
+        steps = steps[: final + 1]  # interventions past the last read cannot change it
         seen: dict[tuple[str, Side], Tensor] = {}
         saved: dict[str, Tensor] = {}
         with self.model.trace(**self._inputs(batch)) as tracer:
@@ -222,7 +225,7 @@ class NNsightBackend(Backend):
                 elif step.writes:
                     envoy.output = _with_first(raw, value)
             tracer.stop()
-        return {name: saved[name] for name in streams}
+        return {name: saved[name][:, -(last or 0):] for name in streams}
 
     def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:
         with self.intervene(interventions):

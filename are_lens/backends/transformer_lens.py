@@ -9,7 +9,7 @@ every forward.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -72,8 +72,8 @@ class TransformerLensBackend(Backend):
         """The bridge's block components (they stand in the HF model's layer list and run its hooks)."""
         return self.model.blocks
 
-    def forward_without_cache(self, batch: Batch) -> None:
-        self.model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    def forward_for_capture(self, input_ids: Tensor, attention_mask: Tensor, past: object | None) -> None:
+        self.model(input_ids, attention_mask=attention_mask, past_key_values=past, use_cache=past is not None)
 
     @contextmanager
     def intervene(self, interventions: Interventions) -> Iterator[None]:
@@ -82,7 +82,7 @@ class TransformerLensBackend(Backend):
             yield
 
     def read(
-        self, batch: Batch, streams: Sequence[str], interventions: Interventions = ()
+        self, batch: Batch, streams: Sequence[str], interventions: Interventions = (), last: int | None = None
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
         wanted = list(dict.fromkeys(streams))
         captured: dict[str, Tensor] = {}
@@ -95,16 +95,19 @@ class TransformerLensBackend(Backend):
 
             return hook
 
-        hooks = self.model.hooks(fwd_hooks=_writes(interventions) + [(name, capture(name)) for name in wanted])
+        def hooks(reading: bool) -> AbstractContextManager:
+            return self.model.hooks(fwd_hooks=_writes(interventions) + (
+                [(name, capture(name)) for name in wanted] if reading else []))
+
         try:
             if self.from_prefix(batch, [*wanted, *(name for name, _ in interventions)]):
-                self.run_from_prefix(batch, self.stop_layer(wanted) or self.n_layers, hooks)
+                self.run_from_prefix(batch, self.stop_layer(wanted) or self.n_layers, hooks, last)
             else:
-                with hooks:
+                with hooks(True):
                     self.model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         except _AllRead:
             pass
-        return {name: captured[name] for name in streams}
+        return {name: captured[name][:, -(last or 0):] for name in streams}
 
     def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:
         with self.intervene(interventions):
