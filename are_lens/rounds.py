@@ -312,7 +312,7 @@ def window_logprobs(
 ) -> tuple[Float[Tensor, "batch window vocab"], Bool[Tensor, "batch window"]]:
     """Next-token log-probabilities (fp32) at the last `window` positions, and which of them are real tokens."""
     batch = backend.batch(rows)
-    logits = backend.logits(batch, interventions)[:, -window:]
+    logits = backend.logits(batch, interventions, last=window)
     return logits.float().log_softmax(-1), batch.attention_mask[:, -window:].bool()
 
 

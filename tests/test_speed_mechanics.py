@@ -230,6 +230,20 @@ def test_tokens_every_row_shares_run_once_and_the_last_positions_read_the_same(t
 
 
 @pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])
+def test_logits_at_the_last_positions_are_the_full_logits_there(tmp_path, kind):
+    backend, _ = backend_over(kind, tmp_path)
+    batch = backend.batch(backend.tokenize(sentences("sad", 2) + ["the cat sat"]))
+    adapter = LowRank(64, 4)
+    torch.nn.init.normal_(adapter.A)
+    torch.nn.init.normal_(adapter.B, std=0.1)
+    with torch.no_grad():
+        full = backend.logits(batch, [("blocks.1.hook_resid_post", adapter)])
+        last = backend.logits(batch, [("blocks.1.hook_resid_post", adapter)], last=3)
+    assert last.shape == (3, 3, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -3:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["nnsight", "transformer_lens"])
 @pytest.mark.parametrize("prefix", [0, 2])
 def test_reading_the_last_block_runs_neither_the_final_norm_nor_the_lm_head(tmp_path, kind, prefix):
     """The read ends with the last stream (the LM head is 8 blocks' worth of arithmetic on SmolLM2)."""

@@ -345,8 +345,10 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:
-        """Full forward to the LM head under the interventions."""
+    def logits(self, batch: Batch, interventions: Interventions = (), last: int | None = None
+               ) -> Float[Tensor, "batch pos vocab"]:
+        """Full forward to the LM head under the interventions; with `last`, the LM head runs on (and the
+        result holds) only the last `last` positions (HF's `logits_to_keep`)."""
 
     @abstractmethod
     def generate(

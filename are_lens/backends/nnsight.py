@@ -227,9 +227,11 @@ class NNsightBackend(Backend):
             tracer.stop()
         return {name: saved[name][:, -(last or 0):] for name in streams}
 
-    def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:
+    def logits(self, batch: Batch, interventions: Interventions = (), last: int | None = None
+               ) -> Float[Tensor, "batch pos vocab"]:
         with self.intervene(interventions):
-            return self.module(**self._inputs(batch)).logits
+            keep = {} if last is None else {"logits_to_keep": last}
+            return self.module(**self._inputs(batch), use_cache=False, **keep).logits
 
     def generate(
         self, batch: Batch, interventions: Interventions, max_new_tokens: int, do_sample: bool = False

@@ -109,9 +109,11 @@ class TransformerLensBackend(Backend):
             pass
         return {name: captured[name][:, -(last or 0):] for name in streams}
 
-    def logits(self, batch: Batch, interventions: Interventions = ()) -> Float[Tensor, "batch pos vocab"]:
+    def logits(self, batch: Batch, interventions: Interventions = (), last: int | None = None
+               ) -> Float[Tensor, "batch pos vocab"]:
         with self.intervene(interventions):
-            return self.model(batch.input_ids, attention_mask=batch.attention_mask)
+            keep = {} if last is None else {"logits_to_keep": last}
+            return self.model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **keep)
 
     def generate(
         self, batch: Batch, interventions: Interventions, max_new_tokens: int, do_sample: bool = False
