@@ -228,7 +228,7 @@ class Backend(ABC):
     def from_prefix(self, batch: Batch, names: Sequence[str]) -> bool:
         """Whether a `read` of `batch` touching only the hooks `names` may run from the cached prefix."""
         layers = [hook_names.layer_of(name) for name in names]
-        return (getattr(self, "_prefixes", None) is not None and batch.key is not None
+        return (self._prefixes is not None and batch.key is not None
                 and all(layer is not None and layer >= self._prefix_start for layer in layers))
 
     def run_from_prefix(self, batch: Batch, stop: int, hooks: Callable[[bool], AbstractContextManager],
