@@ -6,8 +6,8 @@ edit's history into the rounds' adapter steps and their measurement (fresh discr
 probes, KL to the base model), and the rest (tokenising, the teacher-forced replies, setting up). The issue's
 target is 3 minutes on the 2-core CPU. Run it on an otherwise idle machine: it measures time.
 
-    python benchmarks/edit_time.py                            # the default schedule: ~8 min on 2 cores
-    python benchmarks/edit_time.py --schedules matched paper  # and the paper preset (~14 min more)
+    python benchmarks/edit_time.py                            # the default schedule: ~5 min on 2 cores
+    python benchmarks/edit_time.py --schedules matched paper  # and the paper preset (160 steps, longer)
     python benchmarks/edit_time.py --set rounds=2             # a candidate budget (a labelled row)
     python benchmarks/edit_time.py --quick                    # tiny model, seconds (a test runs this)
 """

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -93,6 +94,19 @@ def _same_call(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
     """Whether two blocks were called with the very same argument objects (besides their input)."""
     return (len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1].keys() == b[1].keys()
             and all(a[1][k] is b[1][k] for k in a[1]))
+
+
+def first(value: object) -> Tensor:
+    """The hidden states of a block's output (a tensor, or a tuple that starts with them)."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _kv_cache(keys: Sequence[tuple[Tensor, Tensor]] = (), rows: int = 1) -> Any:
+    """An HF `DynamicCache` holding one row's keys and values per block, seen by each of `rows` rows (not
+    copied); empty without `keys`, to be filled by the blocks a forward runs."""
+    from transformers import DynamicCache  # imported here: `import are_lens` does not load transformers
+
+    return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in keys])
 
 
 def _without_cache(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
@@ -246,49 +260,41 @@ class Backend(ABC):
             with hooks(True):
                 self._run_blocks(prefix, stop)
             return
-        from transformers import DynamicCache
-
-        collected = DynamicCache()
+        collected = _kv_cache()
         with hooks(False):
             self._run_blocks(prefix.shared, stop, collected)
         keys = prefix.keys_before + [(layer.keys, layer.values) for layer in collected.layers[self._prefix_start:stop]]
-        rows = len(prefix.hidden)
-        past = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in keys])
         with hooks(True):
-            self._run_blocks(prefix, stop, past)
+            self._run_blocks(prefix, stop, _kv_cache(keys, len(prefix.hidden)))
 
-    def _run_blocks(self, prefix: _Prefix, stop: int, past: object | None = None) -> None:
+    def _run_blocks(self, prefix: _Prefix, stop: int, past: Any = None) -> None:
         blocks = self.blocks()
         hidden = prefix.hidden
         for layer, (args, kwargs) in zip(range(self._prefix_start, stop), prefix.calls):
-            output = blocks[layer](hidden, *args, **(kwargs if past is None else {**kwargs, "past_key_values": past}))
-            hidden = output[0] if isinstance(output, tuple) else output
+            kwargs = kwargs if past is None else {**kwargs, "past_key_values": past}
+            hidden = first(blocks[layer](hidden, *args, **kwargs))
 
     def _prefix(self, batch: Batch, stop: int, last: int | None) -> _Prefix:
         """Block `start`'s input and the arguments of blocks `start`…`stop - 1`, from one forward (cached);
         the shared leading tokens apart when `last` allows it (`run_from_prefix`)."""
-        rows = batch.key
-        shared = 0 if last is None or len(rows) < 2 else min(shared_length(rows), min(map(len, rows)) - last)
-        key = (rows, stop, shared >= SHARED_TOKENS_MIN)
+        rows, key = batch.key, (batch.key, stop, last)
         if key not in self._prefixes:
-            self._prefixes[key] = (self._split_prefix(rows, stop, shared) if key[-1] else None) or _Prefix(
-                *self._capture(batch.input_ids, batch.attention_mask, stop))
+            shared = 0 if last is None or len(rows) < 2 else min(shared_length(rows), min(map(len, rows)) - last)
+            split = self._split_prefix(rows, stop, shared) if shared >= SHARED_TOKENS_MIN else None
+            self._prefixes[key] = split or _Prefix(*self._capture(batch.input_ids, batch.attention_mask, stop))
         return self._prefixes[key]
 
     def _split_prefix(self, rows: tuple, stop: int, shared: int) -> _Prefix | None:
         """The `_Prefix` with the first `shared` tokens apart, or None when the model's blocks do not take
         their KV cache as the keyword `past_key_values` (then it cannot be swapped in)."""
-        from transformers import DynamicCache
-
         head = torch.tensor([rows[0][:shared]], device=self.device)
-        collected = DynamicCache()
+        collected = _kv_cache()
         head_prefix = _Prefix(*self._capture(head, torch.ones_like(head), stop, collected))
         tail = self.batch([row[shared:] for row in rows])
         mask = torch.cat([torch.ones((len(rows), shared), dtype=tail.attention_mask.dtype, device=self.device),
                           tail.attention_mask], dim=1)
         filled = [layer for layer in collected.layers if getattr(layer, "is_initialized", False)]
-        past = DynamicCache([(layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1))
-                             for layer in filled])
+        past = _kv_cache([(layer.keys, layer.values) for layer in filled], len(rows))
         hidden, calls = self._capture(tail.input_ids, mask, stop, past)
         takes_cache = all(kwargs.get("past_key_values") is collected for _, kwargs in head_prefix.calls) and all(
             kwargs.get("past_key_values") is past for _, kwargs in calls)

@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .. import hook_names
-from .base import Backend, Batch, Interventions
+from .base import Backend, Batch, Interventions, first
 from .families import Side, Site, family_of
 
 
@@ -72,10 +72,6 @@ def _run(step: _Step, value: Tensor, seen: dict[tuple[str, Side], Tensor], saved
     return value
 
 
-def _first(value: Any) -> Tensor:
-    return value[0] if isinstance(value, tuple) else value
-
-
 def _with_first(original: Any, value: Tensor) -> Any:
     return (value, *original[1:]) if isinstance(original, tuple) else value
 
@@ -92,7 +88,7 @@ def _input_hook(step: _Step, seen: dict, saved: dict) -> Callable:
 
 def _output_hook(step: _Step, seen: dict, saved: dict) -> Callable:
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        return _with_first(output, _run(step, _first(output), seen, saved))
+        return _with_first(output, _run(step, first(output), seen, saved))
 
     return hook
 
@@ -219,7 +215,7 @@ class NNsightBackend(Backend):
             for step in steps:
                 envoy = _envoy(self.model, step.path)
                 raw = envoy.input if step.side == "input" else envoy.output
-                value = _run(step, _first(raw), seen, saved)
+                value = _run(step, first(raw), seen, saved)
                 if step.writes and step.side == "input":
                     envoy.input = value
                 elif step.writes:
